@@ -1,0 +1,159 @@
+"""Run cells one by one, each in a fresh process, and never lose a result.
+
+A worker that raises, runs past its timeout, grows past the memory limit, or dies, gives a row with
+its status (`error`, `timeout`, `oom`, `diverged`) and the tail of its stderr; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from loopscope.bench.context import RunContext
+from loopscope.bench.matrix import Cell
+from loopscope.bench.schema import unmeasured
+from loopscope.bench.store import RunStore, atomic_write_text, dumps
+
+POLL_S = 0.05
+STDERR_TAIL = 2000
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out.extend(int(c) for c in fh.read().split())
+    except OSError:
+        pass
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+        stack.extend(_children(p))
+    return total
+
+
+def cell_columns(cell: Cell, run_id: str, device_class: str) -> dict[str, Any]:
+    """The columns every row of a cell carries: its axes and its model's accounting."""
+    from loopscope.models import ModelConfig, effective_depth, param_counts
+
+    cfg = ModelConfig.from_dict(cell.model_config)
+    counts = param_counts(cfg)
+    return {
+        "run_id": run_id, "cell_id": cell.cell_id, "model": cell.model, "family": cell.family,
+        "preset": cell.model, "params_unique": counts.unique, "params_non_embedding": counts.non_embedding,
+        "effective_depth": effective_depth(cfg, cell.loops_test if cell.loops_test else cell.loops_train),
+        "loops_train": cell.loops_train, "loops_test": cell.loops_test, "backend": cell.backend,
+        "device": cell.device, "device_class": device_class, "workload": cell.workload,
+        "batch": cell.batch, "seq_len": cell.seq_len, "dtype": cell.dtype, "kv_policy": cell.kv_policy,
+    }
+
+
+class LocalExecutor:
+    """One subprocess per cell on this machine."""
+
+    def __init__(self, store: RunStore, ctx: RunContext, *, memory_limit_bytes: int | None = None,
+                 worker_cmd: list[str] | None = None) -> None:
+        self.store = store
+        self.ctx = ctx
+        self.memory_limit_bytes = memory_limit_bytes
+        self.worker_cmd = worker_cmd or [sys.executable, "-m", "loopscope.bench.worker"]
+
+    def run_cell(self, cell: Cell) -> dict[str, Any]:
+        job = self.store.run_dir / "jobs" / cell.cell_id
+        shutil.rmtree(job, ignore_errors=True)
+        job.mkdir(parents=True)
+        atomic_write_text(job / "cell.json", dumps(cell.to_dict()))
+        atomic_write_text(job / "context.json", dumps(self.ctx.to_dict()))
+        started = time.perf_counter()
+        with open(job / "stdout.txt", "wb") as out, open(job / "stderr.txt", "wb") as err:
+            proc = subprocess.Popen([*self.worker_cmd, str(job)], stdout=out, stderr=err,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            status, reason = self._wait(proc, cell.timeout_s)
+        wall_s = time.perf_counter() - started
+        stderr_tail = (job / "stderr.txt").read_bytes()[-STDERR_TAIL:].decode("utf-8", "replace")
+        result: dict[str, Any] = {}
+        if (job / "result.json").is_file():
+            result = json.loads((job / "result.json").read_text())
+        if status == "ok":
+            if result:
+                status, reason = result["status"], result["reason"]
+            elif proc.returncode == -signal.SIGKILL:
+                status, reason = "oom", "worker killed by SIGKILL (likely the kernel's OOM killer)"
+            else:
+                status, reason = "error", f"worker exited with code {proc.returncode} and no result"
+        record = self.make_record(cell, status, reason, result, stderr_tail, wall_s)
+        self.store.write_cell(record)
+        shutil.rmtree(job, ignore_errors=True)
+        return record
+
+    def _wait(self, proc: subprocess.Popen, timeout_s: float) -> tuple[str, str]:
+        deadline = time.perf_counter() + timeout_s
+        peak = 0
+        while proc.poll() is None:
+            if time.perf_counter() > deadline:
+                self._kill(proc)
+                return "timeout", f"exceeded its timeout of {timeout_s:g} s"
+            if self.memory_limit_bytes:
+                peak = max(peak, tree_rss_bytes(proc.pid))
+                if peak > self.memory_limit_bytes:
+                    self._kill(proc)
+                    return "oom", (f"resident memory {peak / 2**30:.2f} GiB exceeded the limit of "
+                                   f"{self.memory_limit_bytes / 2**30:.2f} GiB")
+            time.sleep(POLL_S)
+        return "ok", ""
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def make_record(self, cell: Cell, status: str, reason: str, result: dict[str, Any], stderr_tail: str,
+                wall_s: float) -> dict[str, Any]:
+        common = cell_columns(cell, self.store.run_id, self.ctx.device_class)
+        metric_rows = result.get("rows") or []
+        if not metric_rows and status != "ok":
+            metric_rows = [unmeasured("cell_status", "", f"{status}: {reason}")]
+        rows = [{**common, **r, "status": status, "reason": reason} for r in metric_rows]
+        samples = [{"run_id": self.store.run_id, "cell_id": cell.cell_id, **s} for s in result.get("samples", [])]
+        return {
+            "cell_id": cell.cell_id, "label": cell.label, "cell": cell.to_dict(), "status": status,
+            "reason": reason, "rows": rows, "samples": samples, "wall_s": wall_s,
+            "startup_s": result.get("startup_s"), "traceback": result.get("traceback", ""),
+            "stderr_tail": stderr_tail if status != "ok" else "",
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def run(self, cells: Iterable[Cell], *, on_done: Callable[[Cell, dict[str, Any]], None] | None = None
+            ) -> list[dict[str, Any]]:
+        records = []
+        for cell in cells:
+            record = self.run_cell(cell)
+            records.append(record)
+            if on_done:
+                on_done(cell, record)
+        return records

@@ -1,0 +1,64 @@
+"""One cell in its own process: `python -m loopscope.bench.worker JOB_DIR`.
+
+Reads JOB_DIR/cell.json and JOB_DIR/context.json, runs the workload, and writes
+JOB_DIR/result.json atomically. Whatever happens (an exception, an OOM, a divergence), the result
+says so with a status; the parent handles timeouts and kills.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T_START = time.perf_counter()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+def _status_of(err: BaseException) -> str:
+    import torch
+
+    if isinstance(err, MemoryError | torch.OutOfMemoryError):
+        return "oom"
+    if isinstance(err, RuntimeError) and "out of memory" in str(err).lower():
+        return "oom"
+    return "error"
+
+
+def main(job_dir: str) -> int:
+    job = Path(job_dir)
+    from loopscope.bench.context import RunContext
+    from loopscope.bench.matrix import Cell
+    from loopscope.bench.store import atomic_write_text, dumps
+    from loopscope.bench.workloads import Diverged, WorkloadResult, run_workload
+
+    cell = Cell.from_dict(json.loads((job / "cell.json").read_text()))
+    ctx = RunContext(**json.loads((job / "context.json").read_text()))
+    if ctx.threads:
+        from loopscope.kernels.threads import set_threads
+
+        set_threads(ctx.threads)
+    import torch  # noqa: F401  (import cost is part of the measured start-up)
+
+    startup_s = time.perf_counter() - _T_START
+    t0 = time.perf_counter()
+    tb = ""
+    try:
+        result = run_workload(cell, ctx)
+    except Diverged as err:
+        result = err.result
+    except BaseException as err:  # noqa: BLE001 - every failure becomes a row, never a lost cell
+        result = WorkloadResult(status=_status_of(err), reason=f"{type(err).__name__}: {err}"[:500])
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr)
+    record = {"status": result.status, "reason": result.reason, "rows": result.rows,
+              "samples": result.samples, "traceback": tb[-4000:], "startup_s": startup_s,
+              "workload_s": time.perf_counter() - t0}
+    atomic_write_text(job / "result.json", dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,147 @@
+"""Decode workload: time to first token, per-token latency and tokens/s with an explicit KV cache.
+
+Generation is plain Python around the cache (greedy). Each repetition starts from an empty cache:
+the prompt's prefill gives the TTFT sample, each following step a per-token latency sample.
+Repetitions continue until both the minimum time and the minimum count are met.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from loopscope.bench.context import RunContext
+from loopscope.bench.matrix import Cell
+from loopscope.bench.schema import metric_row
+from loopscope.bench.stats import summarize
+from loopscope.bench.workloads import WorkloadResult
+from loopscope.bench.workloads.common import DTYPES, build_model, loop_kwargs, synchronize
+from loopscope.bench.workloads.prefill import analytic_memory_rows
+
+
+class TorchGenerator:
+    """Greedy decoding of a loopscope model with its KVCache."""
+
+    def __init__(self, cell: Cell) -> None:
+        self.model = build_model(cell).to(DTYPES[cell.dtype]).eval()
+        self.cell = cell
+        self.kwargs = loop_kwargs(cell)
+        self.cache = None
+
+    @torch.inference_mode()
+    def prefill(self, prompt: np.ndarray, max_len: int) -> np.ndarray:
+        from loopscope.models import KVCache
+
+        self.cache = KVCache(max_len, policy=self.cell.kv_policy or "per-loop")
+        idx = torch.from_numpy(prompt).to(self.cell.device)
+        logits = self.model(idx, cache=self.cache, **self.kwargs)
+        return logits[:, -1].argmax(-1).cpu().numpy()
+
+    @torch.inference_mode()
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        idx = torch.from_numpy(tokens[:, None]).to(self.cell.device)
+        logits = self.model(idx, cache=self.cache, **self.kwargs)
+        return logits[:, -1].argmax(-1).cpu().numpy()
+
+    def cache_bytes(self) -> int:
+        return self.cache.used_bytes()
+
+
+class NumbaGenerator:
+    """Greedy decoding with the Numba engine's own KV cache (no torch call on the hot path)."""
+
+    def __init__(self, cell: Cell) -> None:
+        from loopscope.kernels.engine import NumbaEngine
+
+        self.model = build_model(cell).eval()
+        self.engine = NumbaEngine.from_model(self.model)
+        self.cell = cell
+        self.loops = cell.loops_test
+        self.cache = None
+
+    def prefill(self, prompt: np.ndarray, max_len: int) -> np.ndarray:
+        self.cache = self.engine.new_cache(prompt.shape[0], max_len, policy=self.cell.kv_policy or "per-loop",
+                                           loops=self.loops)
+        logits = self.engine.prefill(prompt, loops=self.loops, cache=self.cache)
+        return logits[:, -1].argmax(-1)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        return self.engine.decode_step(tokens, self.cache).argmax(-1)
+
+    def cache_bytes(self) -> int:
+        return int(self.cache.used_bytes())
+
+
+GENERATORS = {"torch": TorchGenerator, "numba": NumbaGenerator}
+
+
+def _generate(gen: TorchGenerator | NumbaGenerator, prompt: np.ndarray, new_tokens: int, device: str) -> tuple[float, list[float]]:
+    """One generation: (ttft seconds, per-token step seconds)."""
+    t0 = time.perf_counter_ns()
+    tok = gen.prefill(prompt, prompt.shape[1] + new_tokens)
+    synchronize(device)
+    ttft = (time.perf_counter_ns() - t0) / 1e9
+    steps = []
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter_ns()
+        tok = gen.step(tok.astype(np.int64))
+        synchronize(device)
+        steps.append((time.perf_counter_ns() - t0) / 1e9)
+    return ttft, steps
+
+
+def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
+    measure, dec = cell.settings["measure"], cell.settings["decode"]
+    new_tokens = int(dec["new_tokens"])
+    prompt_len = cell.seq_len - new_tokens
+    if cell.backend not in GENERATORS:
+        raise ValueError(f"decode: backend {cell.backend!r} is not supported (supported: {', '.join(GENERATORS)})")
+    gen = GENERATORS[cell.backend](cell)
+    rng = np.random.default_rng(cell.seed)
+    prompt = rng.integers(0, gen.model.config.vocab_size, size=(cell.batch, prompt_len)).astype(np.int64)
+
+    t_first = time.perf_counter()
+    _generate(gen, prompt, new_tokens, cell.device)  # warm-up
+    first_call_s = time.perf_counter() - t_first
+    ttfts, step_s, gen_rates = [], [], []
+    start = time.perf_counter()
+    while len(ttfts) < int(measure["min_count"]) or time.perf_counter() - start < float(measure["min_time_s"]):
+        ttft, steps = _generate(gen, prompt, new_tokens, cell.device)
+        ttfts.append(ttft)
+        step_s.extend(steps)
+        gen_rates.append(cell.batch * len(steps) / sum(steps))
+
+    result = WorkloadResult()
+    src = f"perf_counter_ns, prompt {prompt_len}, {new_tokens} new tokens, greedy"
+    for metric, values in (("ttft_ms", ttfts), ("latency_ms", step_s)):
+        s = summarize(np.asarray(values) * 1e3)
+        result.rows.append(metric_row(metric, s.median, "ms", stat="median", ci_low=s.ci_low, ci_high=s.ci_high,
+                                      n_samples=s.n, source=src))
+        for stat in ("p90", "p99"):
+            result.rows.append(metric_row(metric, getattr(s, stat), "ms", stat=stat, n_samples=s.n, source=src))
+        result.add_samples(metric, "ms", np.asarray(values) * 1e3)
+    rate = summarize(gen_rates)
+    result.rows.append(metric_row("tokens_per_s", rate.median, "tokens/s", stat="median", ci_low=rate.ci_low,
+                                  ci_high=rate.ci_high, n_samples=rate.n,
+                                  source=f"batch {cell.batch} x decode steps / step time, per generation"))
+    result.rows.append(metric_row("compile_s", max(first_call_s - (np.median(ttfts) + sum(step_s) / len(ttfts)), 0.0),
+                                  "s", source="warm-up generation minus a steady one"))
+    kv = gen.cache_bytes()
+    result.rows.append(metric_row("kv_cache_bytes", kv, "bytes", stat="measured",
+                                  source=f"KVCache.used_bytes at {prompt_len + new_tokens - 1} positions"))
+    analytic = [r for r in analytic_memory_rows(cell) if r["metric"] != "kv_cache_bytes"]
+    result.rows += analytic
+    from loopscope.models import ModelConfig, kv_bytes_per_token
+
+    cfg = ModelConfig.from_dict(cell.model_config)
+    per_token = kv_bytes_per_token(cfg, cell.loops_test, dtype_bytes=torch.finfo(DTYPES[cell.dtype]).bits // 8,
+                                   policy=cell.kv_policy or "per-loop")
+    expected = per_token * cell.batch * (prompt_len + new_tokens - 1)
+    result.rows.append(metric_row("kv_cache_bytes", expected, "bytes", stat="analytic", source="model accounting"))
+    if not math.isclose(kv, expected, rel_tol=1e-9):
+        result.rows.append(metric_row("kv_accounting_error", (kv - expected) / expected, "fraction",
+                                      source="measured vs analytic KV bytes"))
+    return result

@@ -1,0 +1,98 @@
+"""Evaluation workload: bits-per-byte and perplexity on the fixed held-out split.
+
+Windows are disjoint by default (each token is scored once, with the context inside its window);
+with `stride` < seq_len, windows overlap and each scores only its last `stride` tokens, so every
+token gets at least seq_len - stride tokens of context. The report states which was used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from loopscope.bench.context import RunContext
+from loopscope.bench.corpus import load_corpus
+from loopscope.bench.matrix import Cell
+from loopscope.bench.schema import metric_row
+from loopscope.bench.workloads import WorkloadResult
+from loopscope.bench.workloads.common import build_model, loop_kwargs, reseed
+from safetensors.torch import load_file
+
+LN2 = math.log(2.0)
+
+
+def window_spans(n_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) per window over tokens[0:n_tokens]; targets are tokens[start+1:end+1].
+
+    Position p of a window predicts token start+p+1; positions < first_scored are context only.
+    """
+    stride = seq_len if stride is None else stride
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"eval.stride = {stride} must be in 1..seq_len ({seq_len})")
+    spans = []
+    start = 0
+    while start + seq_len + 1 <= n_tokens:
+        first = 0 if start == 0 else seq_len - stride
+        spans.append((start, start + seq_len, first))
+        start += stride
+    return spans
+
+
+def bits_per_byte(nll_nats_sum: float, n_bytes: int) -> float:
+    """Summed next-token NLL (nats) over a text of n_bytes, in bits per byte."""
+    return nll_nats_sum / LN2 / n_bytes
+
+
+@torch.no_grad()
+def heldout_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch: int,
+                stride: int | None, device: str, **forward_kwargs) -> tuple[float, int]:
+    """Summed NLL (nats) and number of scored tokens over the held-out tokens."""
+    spans = window_spans(len(tokens), seq_len, stride)
+    total, count = 0.0, 0
+    for i in range(0, len(spans), batch):
+        group = spans[i:i + batch]
+        idx = np.stack([np.arange(s, e + 1) for s, e, _ in group])
+        chunk = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
+        logits = model(chunk[:, :-1], **forward_kwargs).float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), chunk[:, 1:].reshape(-1),
+                              reduction="none").view(len(group), -1)
+        for row, (_, _, first) in zip(nll, group, strict=True):
+            total += float(row[first:].sum(dtype=torch.float64))
+            count += row.numel() - first
+    return total, count
+
+
+def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
+    ev = cell.settings["eval"]
+    data_cfg = cell.settings["data"]
+    corpus = load_corpus(data_cfg["corpus"], max_bytes=data_cfg["max_bytes"])
+    tokens = corpus.val[: int(ev["max_tokens"]) + 1]
+    model = build_model(cell)
+    ckpt = ctx.checkpoints_dir / f"{cell.depends_on}.safetensors"
+    model.load_state_dict(load_file(str(ckpt)))
+    model.eval()
+
+    stride = ev.get("stride")
+    method = f"disjoint windows of {cell.seq_len}" if stride is None else \
+        f"strided windows of {cell.seq_len}, stride {stride}"
+    seeds = int(ev["seeds"]) if cell.family in ("parcae", "rdm") else 1
+    bpbs, ppls = [], []
+    for s in range(seeds):
+        reseed(model, 10_000 + s)  # h0 draws differ per eval seed and match across models
+        nll, count = heldout_nll(model, tokens, cell.seq_len, cell.batch, stride, cell.device,
+                                 **loop_kwargs(cell))
+        # Byte tokenizer: one token per byte. Other tokenizers must divide by the text's bytes.
+        bpbs.append(bits_per_byte(nll, count))
+        ppls.append(math.exp(nll / count))
+    result = WorkloadResult()
+    source = f"held-out split ({method}; {count} bytes; {seeds} seed(s))"
+    result.rows.append(metric_row("bpb", float(np.mean(bpbs)), "bits/byte", source=source, n_samples=seeds))
+    if seeds > 1:
+        result.rows.append(metric_row("bpb_std", float(np.std(bpbs, ddof=1)), "bits/byte",
+                                      source=f"std over {seeds} h0 seeds", n_samples=seeds))
+    result.rows.append(metric_row("perplexity", float(np.mean(ppls)), "per token (bytes tokenizer)",
+                                  source=source, n_samples=seeds))
+    result.add_samples("bpb", "bits/byte", bpbs)
+    return result

@@ -1,0 +1,112 @@
+"""Prefill workload: forward throughput at batch x seq_len, in three separate passes.
+
+Pass 1 times the forward (warm-up covers compilation), pass 2 measures peak memory, pass 3 energy
+(repeating the forward to fill the meter's window). One meter never disturbs another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from loopscope.bench.context import RunContext
+from loopscope.bench.matrix import Cell
+from loopscope.bench.schema import metric_row, unmeasured
+from loopscope.bench.workloads import WorkloadResult
+from loopscope.bench.workloads.common import DTYPES, build_model, loop_kwargs, synchronize
+
+
+def forward_fn(cell: Cell) -> tuple[Callable[[], object], torch.nn.Module]:
+    """The call to time, for the cell's backend; the model is returned for accounting."""
+    model = build_model(cell).to(DTYPES[cell.dtype]).eval()
+    gen = torch.Generator().manual_seed(cell.seed)
+    idx = torch.randint(0, model.config.vocab_size, (cell.batch, cell.seq_len), generator=gen).to(cell.device)
+    kwargs = loop_kwargs(cell)
+    if cell.backend == "numba":
+        from loopscope.kernels.engine import NumbaEngine
+
+        engine = NumbaEngine.from_model(model)
+        tokens = idx.cpu().numpy()
+        return (lambda: engine.prefill(tokens, **kwargs)), model
+    if cell.backend == "torch-compile":
+        compiled = torch.compile(model)
+
+        def call() -> object:
+            with torch.inference_mode():
+                return compiled(idx, **kwargs)
+        return call, model
+
+    def call_eager() -> object:
+        with torch.inference_mode():
+            return model(idx, **kwargs)
+    return call_eager, model
+
+
+def analytic_memory_rows(cell: Cell) -> list[dict]:
+    from loopscope.models import ModelConfig, kv_bytes_per_token, param_counts
+
+    cfg = ModelConfig.from_dict(cell.model_config)
+    dtype_bytes = torch.finfo(DTYPES[cell.dtype]).bits // 8
+    weights = param_counts(cfg).unique * dtype_bytes
+    kv = kv_bytes_per_token(cfg, cell.loops_test, dtype_bytes=dtype_bytes,
+                            policy=cell.kv_policy or "per-loop") * cell.batch * cell.seq_len
+    # Live activations of one layer at a time in inference: residual, qkv, MLP hidden, logits.
+    d_ff = cfg.d_ff or 4 * cfg.d_model
+    act = cell.batch * cell.seq_len * (4 * cfg.d_model + d_ff + cfg.vocab_size) * dtype_bytes
+    src = "analytic (model accounting)"
+    return [metric_row("weights_bytes", weights, "bytes", source=src),
+            metric_row("kv_cache_bytes", kv, "bytes", source=src),
+            metric_row("est_mem_bytes", weights + kv + act, "bytes", source=src + ": weights + KV + activations")]
+
+
+def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
+    from loopscope.bench.meters import memory, timing
+    from loopscope.models import ModelConfig, flops_per_token
+
+    measure = cell.settings["measure"]
+    call, model = forward_fn(cell)
+    sync = (lambda: synchronize(cell.device))
+    tokens = cell.batch * cell.seq_len
+    result = WorkloadResult()
+
+    timed = timing.measure(call, min_time_s=float(measure["min_time_s"]), min_count=int(measure["min_count"]),
+                           warmup=max(int(measure["warmup"]), 1), sync=sync, device=cell.device)
+    result.rows += timed.latency_rows()
+    result.rows += timed.throughput_rows(units_per_call=tokens)
+    result.rows += timed.compile_rows()
+    result.samples += timed.sample_rows()
+    cfg = ModelConfig.from_dict(cell.model_config)
+    flops = flops_per_token(cfg, cell.seq_len, loops=cell.loops_test, mode="forward") * tokens / timed.median_s
+    peak = ctx.peak_flops(cell.dtype)
+    result.rows.append(metric_row("achieved_flops", flops, "FLOP/s", source="analytic FLOPs / median time"))
+    result.rows.append(metric_row("mfu", flops / peak, "fraction", source="analytic FLOPs / calibrated GEMM peak")
+                       if math.isfinite(peak) else unmeasured("mfu", "fraction", "unavailable: no calibration"))
+
+    if measure["memory"]:
+        with memory.PeakMemory(cell.device) as mem:
+            call()
+            sync()
+        result.rows += mem.rows()
+    result.rows += analytic_memory_rows(cell)
+
+    if measure["energy"]:
+        result.rows += energy_pass(call, sync, cell, tokens, float(measure["energy_window_s"]))
+    return result
+
+
+def energy_pass(call: Callable[[], object], sync: Callable[[], None], cell: Cell, tokens_per_call: int,
+                window_s: float) -> list[dict]:
+    """Repeat the call until the energy window is filled; NaN with the reason when unavailable."""
+    from loopscope.bench.meters import energy
+
+    probe = energy.EnergyMeter(cell.device, min_window_s=window_s)
+    if not probe.available():
+        return energy.energy_rows(probe, tokens=0)
+    calls = 0
+    with energy.EnergyMeter(cell.device, min_window_s=window_s) as meter:
+        while meter.elapsed_s() < window_s or calls == 0:
+            call()
+            calls += 1
+        sync()
+    return energy.energy_rows(meter, tokens=calls * tokens_per_call)

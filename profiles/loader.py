@@ -1,0 +1,195 @@
+"""Load and validate sweep profiles (TOML) completely before anything runs.
+
+A profile reads like a table: `[profile]` (run-wide settings), one table per workload's settings
+(`[data]`, `[train]`, `[eval]`, `[measure]`, `[decode]`), optional `[models.NAME]` tables that
+derive a model from a preset, and `[[sweep]]` entries whose list-valued axes expand into cells.
+Every problem is collected and reported together, each naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import tomllib
+from loopscope.bench.errors import ConfigError
+
+NUM = (int, float)
+# section -> key -> accepted python types. A key absent here is an error.
+SETTINGS_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
+    "profile": {"description": (str,), "extends": (str,), "seed": (int,), "timeout_s": NUM,
+                "memory_limit_gb": NUM, "device": (str,), "calibration": (str,), "threads": (int,),
+                "trace": (bool,)},
+    "data": {"corpus": (str,), "max_bytes": (int,), "tokenizer": (str,)},
+    "train": {"tokens": (int,), "tokens_per_param": NUM, "flops": NUM, "batch": (int,),
+              "seq_len": (int,), "lr": NUM, "warmup_frac": NUM, "cooldown_frac": NUM,
+              "weight_decay": NUM, "grad_clip": NUM, "betas": (list,), "log_every": (int,),
+              "checkpoint_every": (int,), "spike_factor": NUM},
+    "eval": {"seq_len": (int,), "max_tokens": (int,), "stride": (int,), "seeds": (int,),
+             "batch": (int,)},
+    "measure": {"min_time_s": NUM, "min_count": (int,), "warmup": (int,), "energy": (bool,),
+                "memory": (bool,), "energy_window_s": NUM},
+    "decode": {"prompt_len": (int,), "new_tokens": (int,)},
+}
+# Axes a [[sweep]] entry may list; a scalar is a one-element list.
+AXES: dict[str, tuple[type, ...]] = {
+    "model": (str,), "workload": (str,), "backend": (str,), "device": (str,), "dtype": (str,),
+    "batch": (int,), "seq_len": (int,), "loops_test": (int,), "kv_policy": (str,), "lr": NUM,
+}
+SWEEP_KEYS = set(AXES) | {"name", "include", "exclude"}
+WORKLOADS = ("train", "eval", "prefill", "decode", "kernels")
+BACKENDS = ("torch", "torch-compile", "numba", "numba-cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+KV_POLICIES = ("per-loop", "last-loop")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    path: str
+    settings: dict[str, dict[str, Any]]  # validated sections, defaults not yet applied
+    models: dict[str, dict[str, Any]]  # NAME -> {"preset": ..., overrides...}
+    sweeps: list[dict[str, Any]]
+    raw_hash: str = field(default="")
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.settings.get(name, {}))
+
+
+def builtin_profiles() -> dict[str, Path]:
+    """Profiles shipped as package data, by name."""
+    root = resources.files("loopscope.profiles")
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def resolve_profile_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"profile file {path}: not found")
+        return path
+    shipped = builtin_profiles()
+    if name_or_path not in shipped:
+        raise ConfigError(f"unknown profile {name_or_path!r}; known profiles: {', '.join(sorted(shipped))} "
+                          "(or give a path to a .toml file)")
+    return shipped[name_or_path]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"profile file {path}: cannot be read ({err.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: TOML syntax error: {err}") from None
+
+
+def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    return " or ".join("number" if t is float else t.__name__ for t in types)
+
+
+def _check_type(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
+    where = str(path)
+    for section, value in data.items():
+        if section in ("sweep", "models"):
+            continue
+        if section not in SETTINGS_SCHEMA:
+            errors.append(f"{where}: unknown section [{section}] "
+                          f"(known: {', '.join(list(SETTINGS_SCHEMA) + ['models', 'sweep'])})")
+            continue
+        if not isinstance(value, dict):
+            errors.append(f"{where}: [{section}] must be a table")
+            continue
+        for key, item in value.items():
+            types = SETTINGS_SCHEMA[section].get(key)
+            if types is None:
+                errors.append(f"{where}: unknown key {section}.{key} "
+                              f"(known: {', '.join(SETTINGS_SCHEMA[section])})")
+            elif not _check_type(item, types):
+                errors.append(f"{where}: {section}.{key} = {item!r} must be {_type_name(types)}")
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        errors.append(f"{where}: [models] must be a table of [models.NAME] tables")
+        models = {}
+    for name, spec in models.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("preset"), str):
+            errors.append(f"{where}: models.{name} needs preset = \"<preset name>\"")
+    sweeps = data.get("sweep", [])
+    if not isinstance(sweeps, list) or not sweeps:
+        errors.append(f"{where}: the profile needs at least one [[sweep]] entry")
+        return
+    for i, sweep in enumerate(sweeps):
+        label = f"sweep[{i}]" + (f" ({sweep.get('name')})" if isinstance(sweep.get("name"), str) else "")
+        for key, value in sweep.items():
+            if key not in SWEEP_KEYS:
+                errors.append(f"{where}: {label}: unknown axis {key!r} (known: {', '.join(sorted(SWEEP_KEYS))})")
+            elif key in AXES:
+                values = value if isinstance(value, list) else [value]
+                bad = [v for v in values if not _check_type(v, AXES[key])]
+                if bad:
+                    errors.append(f"{where}: {label}.{key} = {bad[0]!r} must be {_type_name(AXES[key])}")
+        if "model" not in sweep or "workload" not in sweep:
+            errors.append(f"{where}: {label}: needs both 'model' and 'workload'")
+        for rule_key in ("include", "exclude"):
+            rules = sweep.get(rule_key, [])
+            if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+                errors.append(f"{where}: {label}.{rule_key} must be a list of inline tables")
+                continue
+            for rule in rules:
+                for k in rule:
+                    if k not in AXES:
+                        errors.append(f"{where}: {label}.{rule_key} uses unknown axis {k!r}")
+
+
+def load_profile(name_or_path: str, *, _seen: tuple[str, ...] = ()) -> Profile:
+    """Read, extend and validate a profile; raise ConfigError listing every problem."""
+    path = resolve_profile_path(name_or_path)
+    data = _read_toml(path)
+    errors: list[str] = []
+    parent = data.get("profile", {}).get("extends") if isinstance(data.get("profile"), dict) else None
+    if parent:
+        if parent in _seen:
+            raise ConfigError(f"{path}: profile.extends = {parent!r} makes a cycle ({' -> '.join(_seen)})")
+        base_path = resolve_profile_path(parent) if "/" not in parent else (path.parent / parent)
+        base = _read_toml(base_path)
+        _validate(base_path, base, errors)
+        own_sweeps = data.get("sweep")
+        data = _deep_merge(base, {k: v for k, v in data.items() if k != "sweep"})
+        if own_sweeps is not None:
+            data["sweep"] = own_sweeps
+        data["profile"].pop("extends", None)
+    _validate(path, data, errors)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    canonical = json.dumps(data, sort_keys=True, default=str)
+    return Profile(
+        name=path.stem,
+        path=str(path),
+        settings={k: v for k, v in data.items() if k not in ("sweep", "models")},
+        models=data.get("models", {}),
+        sweeps=data["sweep"],
+        raw_hash=hashlib.sha256(canonical.encode()).hexdigest()[:16],
+    )
