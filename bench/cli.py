@@ -91,6 +91,7 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
 def _cmd_models(args: argparse.Namespace) -> int:
     import pandas as pd
+
     from loopscope.models import listing
 
     table = listing.matched_table(context=args.context) if args.matched else listing.models_table()

@@ -22,7 +22,7 @@ class RunContext:
 
     def peak_flops(self, dtype: str) -> float:
         """Calibrated GEMM FLOP/s for the dtype (NaN when not calibrated)."""
-        key = "gemm_bf16_flops" if dtype in ("bfloat16", "float16") else "gemm_fp32_flops"
+        key = {"bfloat16": "gemm_bf16_flops", "float16": "gemm_fp16_flops"}.get(dtype, "gemm_fp32_flops")
         return float(self.calibration.get(key, float("nan")))
 
     def to_dict(self) -> dict[str, Any]:

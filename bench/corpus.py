@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from loopscope.bench.errors import ConfigError
 
 VAL_EVERY = 20  # one document in VAL_EVERY (by name hash) is held out

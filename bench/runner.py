@@ -68,7 +68,7 @@ def _estimate(cell: Cell) -> tuple[float, float]:
     else:
         flops = flops_per_token(cfg, cell.seq_len, loops=cell.loops_test, mode="forward") \
             * cell.batch * cell.seq_len * 10
-        mem = next(r["value"] for r in analytic_memory_rows(cell) if r["metric"] == "est_mem_bytes")
+        mem = next(r["value"] for r in analytic_memory_rows(cell) if r["metric"] == "estimated_mem_bytes")
     return 4.0 + flops / rate, mem
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
 from loopscope.bench.errors import LoopscopeError
 from loopscope.bench.schema import RESULT_COLUMNS, SAMPLE_COLUMNS
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tomllib
+
 from loopscope.bench.errors import ConfigError
 
 NUM = (int, float)
@@ -69,7 +70,7 @@ def builtin_profiles() -> dict[str, Path]:
 
 def resolve_profile_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or "/" in name_or_path or path.is_file():
         if not path.is_file():
             raise ConfigError(f"profile file {path}: not found")
         return path
@@ -173,7 +174,8 @@ def load_profile(name_or_path: str, *, _seen: tuple[str, ...] = ()) -> Profile:
     if parent:
         if parent in _seen:
             raise ConfigError(f"{path}: profile.extends = {parent!r} makes a cycle ({' -> '.join(_seen)})")
-        base_path = resolve_profile_path(parent) if "/" not in parent else (path.parent / parent)
+        is_file = parent.endswith(".toml") or "/" in parent
+        base_path = resolve_profile_path(str(path.parent / parent) if is_file else parent)
         base = _read_toml(base_path)
         _validate(base_path, base, errors)
         own_sweeps = data.get("sweep")

@@ -73,7 +73,7 @@ def bpb_vs_loops(run: RunData) -> Chart | Omitted:
         return Omitted("bpb_vs_loops", title, "fewer than two test-time loop counts were evaluated")
     fig, ax = _fig()
     sns.lineplot(data=df, x="loops_test", y="value", hue="model", marker="o", ax=ax)
-    for model, g in df.groupby("model"):
+    for _, g in df.groupby("model"):
         if g["bpb_std"].notna().any():
             ax.errorbar(g["loops_test"], g["value"], yerr=g["bpb_std"], fmt="none", ecolor="grey",
                         capsize=2, lw=0.8)

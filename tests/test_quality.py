@@ -30,7 +30,7 @@ def test_bpb_of_uniform_model_is_eight_bits():
     model = FixedPredictor(1 / 256)
     nll, count = heldout_nll(model, tokens, seq_len=16, batch=3, stride=None, device="cpu")
     assert count == 64
-    assert bits_per_byte(nll, count) == pytest.approx(8.0, rel=1e-9)
+    assert bits_per_byte(nll, count) == pytest.approx(8.0, rel=1e-6)
 
 
 def test_bpb_matches_hand_computation():
@@ -89,7 +89,7 @@ def test_training_steps_lower_the_loss(name):
     losses = []
     for _ in range(30):
         logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()

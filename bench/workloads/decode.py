@@ -78,7 +78,8 @@ class NumbaGenerator:
 GENERATORS = {"torch": TorchGenerator, "numba": NumbaGenerator}
 
 
-def _generate(gen: TorchGenerator | NumbaGenerator, prompt: np.ndarray, new_tokens: int, device: str) -> tuple[float, list[float]]:
+def _generate(gen: TorchGenerator | NumbaGenerator, prompt: np.ndarray, new_tokens: int,
+              device: str) -> tuple[float, list[float]]:
     """One generation: (ttft seconds, per-token step seconds)."""
     t0 = time.perf_counter_ns()
     tok = gen.prefill(prompt, prompt.shape[1] + new_tokens)
@@ -132,8 +133,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     kv = gen.cache_bytes()
     result.rows.append(metric_row("kv_cache_bytes", kv, "bytes", stat="measured",
                                   source=f"KVCache.used_bytes at {prompt_len + new_tokens - 1} positions"))
-    analytic = [r for r in analytic_memory_rows(cell) if r["metric"] != "kv_cache_bytes"]
-    result.rows += analytic
+    result.rows += [r for r in analytic_memory_rows(cell) if r["metric"] != "kv_cache_bytes"]
     from loopscope.models import ModelConfig, kv_bytes_per_token
 
     cfg = ModelConfig.from_dict(cell.model_config)

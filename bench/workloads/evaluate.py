@@ -12,13 +12,14 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
 from loopscope.bench.context import RunContext
 from loopscope.bench.corpus import load_corpus
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row
 from loopscope.bench.workloads import WorkloadResult
 from loopscope.bench.workloads.common import build_model, loop_kwargs, reseed
-from safetensors.torch import load_file
 
 LN2 = math.log(2.0)
 

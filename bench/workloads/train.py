@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
 from loopscope.bench.context import RunContext
 from loopscope.bench.corpus import load_corpus
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.workloads import Diverged, WorkloadResult
 from loopscope.bench.workloads.common import build_model, reseed, synchronize
-from safetensors.torch import load_file, save_file
 
 SPIKE_WINDOW = 50
 
@@ -173,7 +174,8 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         flops = flops_per_token(cfg, cell.seq_len, mode="train") * tps
         peak = ctx.peak_flops(cell.dtype if cell.device.startswith("cuda") else "float32")
         if math.isfinite(peak):
-            result.rows.append(metric_row("mfu", flops / peak, "fraction", source="analytic FLOPs / calibrated GEMM peak"))
+            result.rows.append(metric_row("mfu", flops / peak, "fraction",
+                                          source="analytic FLOPs / calibrated GEMM peak"))
         else:
             result.rows.append(unmeasured("mfu", "fraction", "unavailable: no calibration in this run"))
         result.add_samples("step_time_ms", "ms", [t * 1e3 for t in timed])
