@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("base", type=Path)
     g.add_argument("cand", type=Path)
     g.add_argument("--rules", type=Path, help="TOML rules per metric (default: shipped rules)")
+    g.add_argument("--all-metrics", action="store_true",
+                   help="gate raw metrics even when the two runs' hardware differs")
 
     sub.add_parser("profiles", help="list the shipped sweep profiles")
     m = sub.add_parser("models", help="list model families and presets with their accounting")
@@ -75,7 +77,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_gate(args: argparse.Namespace) -> int:
     from loopscope.reports.gate import gate_runs
 
-    result = gate_runs(args.base, args.cand, rules=args.rules)
+    result = gate_runs(args.base, args.cand, rules=args.rules, all_metrics=args.all_metrics)
     print(result.render())
     return result.exit_code
 
@@ -124,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines() or ["error"]:
             print(f"loopscope {args.command}: error: {line}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `loopscope gate A B | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"loopscope {args.command}: interrupted; finished cells are kept, rerun to resume",
               file=sys.stderr)

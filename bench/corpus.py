@@ -29,6 +29,7 @@ class Corpus:
     train: np.ndarray  # uint8 bytes
     val: np.ndarray
     description: str
+    probe_test: tuple[str, ...] = ()  # the held-out probe examples, for accuracy (probe corpora only)
 
     @property
     def val_hash(self) -> str:
@@ -97,6 +98,17 @@ def load_corpus(spec: str = "default", *, max_bytes: int | None = None) -> Corpu
     if spec == "default":
         train, val = split_documents(_default_documents(), max_bytes)
         return Corpus("default", train, val, "pydoc_data topics + Python standard library sources, bytes")
+    if spec.startswith("probe:"):
+        from loopscope.bench.probe import ProbeSpec, probe_splits
+
+        try:
+            probe = ProbeSpec.parse(spec)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        train_ex, test_ex = probe_splits(probe)
+        as_bytes = lambda ex: np.frombuffer("".join(ex).encode("ascii"), dtype=np.uint8).copy()  # noqa: E731
+        return Corpus(spec, as_bytes(train_ex), as_bytes(test_ex),
+                      f"k-hop pointer chasing, {probe.symbols} symbols, 1..{probe.max_hops} hops", tuple(test_ex))
     if spec.startswith("hf:"):
         raise ConfigError(f"corpus {spec!r}: Hugging Face corpora need the optional extra loopscope[hf], "
                           "which this version does not support yet; use 'default' or a local path")

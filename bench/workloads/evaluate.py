@@ -65,6 +65,26 @@ def heldout_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch:
     return total, count
 
 
+@torch.no_grad()
+def probe_accuracy(model: torch.nn.Module, examples: tuple[str, ...], batch: int, device: str,
+                   **forward_kwargs) -> dict[int, tuple[int, int]]:
+    """Greedy answer accuracy on probe examples: {hops: (correct, total)}."""
+    from loopscope.bench.probe import EQUALS, parse_example
+
+    by_hops: dict[int, list[int]] = {}
+    for i in range(0, len(examples), batch):
+        group = examples[i:i + batch]
+        prefix = [ex[: ex.index(EQUALS) + 1] for ex in group]
+        idx = torch.tensor([list(p.encode("ascii")) for p in prefix], dtype=torch.long, device=device)
+        guess = model(idx, **forward_kwargs)[:, -1].argmax(-1).tolist()
+        for ex, g in zip(group, guess, strict=True):
+            _, _, hops, answer = parse_example(ex)
+            by_hops.setdefault(hops, [0, 0])
+            by_hops[hops][0] += int(g == ord(answer))
+            by_hops[hops][1] += 1
+    return {k: (v[0], v[1]) for k, v in sorted(by_hops.items())}
+
+
 def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     ev = cell.settings["eval"]
     data_cfg = cell.settings["data"]
@@ -96,4 +116,18 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     result.rows.append(metric_row("perplexity", float(np.mean(ppls)), "per token (bytes tokenizer)",
                                   source=source, n_samples=seeds))
     result.add_samples("bpb", "bits/byte", bpbs)
+    if corpus.probe_test:
+        result.rows += _probe_rows(model, corpus.probe_test, cell)
     return result
+
+
+def _probe_rows(model: torch.nn.Module, examples: tuple[str, ...], cell: Cell) -> list[dict]:
+    reseed(model, 10_000)
+    counts = probe_accuracy(model, examples, cell.batch, cell.device, **loop_kwargs(cell))
+    correct = sum(c for c, _ in counts.values())
+    total = sum(n for _, n in counts.values())
+    src = f"greedy answer byte on {total} held-out k-hop examples"
+    rows = [metric_row("probe_accuracy", correct / total, "fraction", source=src, n_samples=total)]
+    rows += [metric_row("probe_accuracy", c / n, "fraction", stat=f"hops={k}", source=src, n_samples=n)
+             for k, (c, n) in counts.items()]
+    return rows
