@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopscope.bench.errors import ConfigError
+from loopscope.bench.tokenizer import vocab_size
 from loopscope.profiles.loader import BACKENDS, DTYPES, KV_POLICIES, WORKLOADS, Profile
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -89,7 +90,9 @@ def resolved_settings(profile: Profile) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _model_configs(profile: Profile, names: set[str], errors: list[str]) -> dict[str, dict[str, Any]]:
+def _model_configs(profile: Profile, names: set[str], vocab: int | None,
+                   errors: list[str]) -> dict[str, dict[str, Any]]:
+    """Each model's full config; with a BPE tokenizer, the vocabulary becomes the tokenizer's."""
     from loopscope.models import ModelConfig, preset
 
     configs: dict[str, dict[str, Any]] = {}
@@ -110,7 +113,10 @@ def _model_configs(profile: Profile, names: set[str], errors: list[str]) -> dict
             errors.append(f"{profile.path}: model {name!r}: n_heads={cfg.n_heads} does not divide "
                           f"d_model={cfg.d_model}")
             continue
-        configs[name] = cfg.to_dict()
+        data = cfg.to_dict()
+        if vocab is not None:
+            data["vocab_size"] = vocab
+        configs[name] = data
     return configs
 
 
@@ -130,7 +136,13 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
     errors: list[str] = []
     device = run.get("device", device)
     names = {m for s in profile.sweeps for m in _axis_values(s, "model", [])}
-    configs = _model_configs(profile, names, errors)
+    try:
+        tokenizer = settings["data"]["tokenizer"]
+        vocab = None if tokenizer == "bytes" else vocab_size(tokenizer)
+    except ConfigError as err:
+        errors.append(f"{profile.path}: {err}")
+        vocab = None
+    configs = _model_configs(profile, names, vocab, errors)
 
     cells: dict[str, Cell] = {}
     train_cells: dict[tuple[str, float], Cell] = {}

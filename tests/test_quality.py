@@ -28,8 +28,8 @@ class FixedPredictor(torch.nn.Module):
 def test_bpb_of_uniform_model_is_eight_bits():
     tokens = np.arange(65, dtype=np.uint8)
     model = FixedPredictor(1 / 256)
-    nll, count = heldout_nll(model, tokens, seq_len=16, batch=3, stride=None, device="cpu")
-    assert count == 64
+    nll, count, n_bytes = heldout_nll(model, tokens, seq_len=16, batch=3, stride=None, device="cpu")
+    assert count == n_bytes == 64
     assert bits_per_byte(nll, count) == pytest.approx(8.0, rel=1e-6)
 
 
@@ -38,12 +38,22 @@ def test_bpb_matches_hand_computation():
     tokens = (np.arange(33) % 4).astype(np.uint8)
     tokens[10] = 7  # position 9 predicts 10 (miss: 7 is not 10%4+... ), position 10 predicts 11 (miss)
     p = 0.9
-    nll, count = heldout_nll(FixedPredictor(p), tokens, seq_len=8, batch=2, stride=None, device="cpu")
+    nll, count, _ = heldout_nll(FixedPredictor(p), tokens, seq_len=8, batch=2, stride=None, device="cpu")
     hits = sum(int(tokens[i + 1]) == (int(tokens[i]) + 1) % 4 for i in range(32))
     expected = -(hits * math.log(p) + (32 - hits) * math.log((1 - p) / 255))
     assert count == 32 and hits == 30
     assert nll == pytest.approx(expected, rel=1e-6)
     assert bits_per_byte(nll, count) == pytest.approx(expected / math.log(2) / 32, rel=1e-6)
+
+
+def test_bpb_divides_by_the_bytes_each_token_stands_for():
+    tokens = (np.arange(100, 165) * 7 % 256).astype(np.uint8)
+    token_bytes = 1 + np.arange(256) % 3  # a token id i stands for 1 + i % 3 bytes
+    nll, count, n_bytes = heldout_nll(FixedPredictor(1 / 256), tokens, seq_len=16, batch=4, stride=None,
+                                      device="cpu", token_bytes=token_bytes)
+    expected_bytes = int(token_bytes[tokens[1:]].sum())
+    assert (count, n_bytes) == (64, expected_bytes) and expected_bytes != 64
+    assert bits_per_byte(nll, n_bytes) == pytest.approx(8.0 * 64 / expected_bytes, rel=1e-6)
 
 
 def test_window_spans_disjoint_and_strided():

@@ -8,6 +8,7 @@ token gets at least seq_len - stride tokens of context. The report states which 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from loopscope.bench.context import RunContext
 from loopscope.bench.corpus import load_corpus
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row
+from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import WorkloadResult
 from loopscope.bench.workloads.common import build_model, loop_kwargs, reseed
 
@@ -48,10 +50,11 @@ def bits_per_byte(nll_nats_sum: float, n_bytes: int) -> float:
 
 @torch.no_grad()
 def heldout_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch: int,
-                stride: int | None, device: str, **forward_kwargs) -> tuple[float, int]:
-    """Summed NLL (nats) and number of scored tokens over the held-out tokens."""
+                stride: int | None, device: str, token_bytes: np.ndarray | None = None,
+                **forward_kwargs) -> tuple[float, int, int]:
+    """Summed NLL (nats), scored tokens and the bytes they stand for, over the held-out tokens."""
     spans = window_spans(len(tokens), seq_len, stride)
-    total, count = 0.0, 0
+    total, count, n_bytes = 0.0, 0, 0
     for i in range(0, len(spans), batch):
         group = spans[i:i + batch]
         idx = np.stack([np.arange(s, e + 1) for s, e, _ in group])
@@ -59,10 +62,11 @@ def heldout_nll(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch:
         logits = model(chunk[:, :-1], **forward_kwargs).float()
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), chunk[:, 1:].reshape(-1),
                               reduction="none").view(len(group), -1)
-        for row, (_, _, first) in zip(nll, group, strict=True):
+        for row, targets, (_, _, first) in zip(nll, tokens[idx[:, 1:]], group, strict=True):
             total += float(row[first:].sum(dtype=torch.float64))
             count += row.numel() - first
-    return total, count
+            n_bytes += int(token_bytes[targets[first:]].sum()) if token_bytes is not None else row.numel() - first
+    return total, count, n_bytes
 
 
 @torch.no_grad()
@@ -89,7 +93,8 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     ev = cell.settings["eval"]
     data_cfg = cell.settings["data"]
     corpus = load_corpus(data_cfg["corpus"], max_bytes=data_cfg["max_bytes"])
-    tokens = corpus.val[: int(ev["max_tokens"]) + 1]
+    tok = tokenize(corpus, data_cfg["tokenizer"], Path(ctx.run_dir) / "tokenizers")
+    tokens = tok.val[: int(ev["max_tokens"]) + 1]
     model = build_model(cell)
     ckpt = ctx.checkpoints_dir / f"{cell.depends_on}.safetensors"
     model.load_state_dict(load_file(str(ckpt)))
@@ -102,18 +107,17 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     bpbs, ppls = [], []
     for s in range(seeds):
         reseed(model, 10_000 + s)  # h0 draws differ per eval seed and match across models
-        nll, count = heldout_nll(model, tokens, cell.seq_len, cell.batch, stride, cell.device,
-                                 **loop_kwargs(cell))
-        # Byte tokenizer: one token per byte. Other tokenizers must divide by the text's bytes.
-        bpbs.append(bits_per_byte(nll, count))
+        nll, count, n_bytes = heldout_nll(model, tokens, cell.seq_len, cell.batch, stride, cell.device,
+                                          token_bytes=tok.token_bytes, **loop_kwargs(cell))
+        bpbs.append(bits_per_byte(nll, n_bytes))
         ppls.append(math.exp(nll / count))
     result = WorkloadResult()
-    source = f"held-out split ({method}; {count} bytes; {seeds} seed(s))"
+    source = f"held-out split ({method}; {count} {tok.name} tokens = {n_bytes} bytes; {seeds} seed(s))"
     result.rows.append(metric_row("bpb", float(np.mean(bpbs)), "bits/byte", source=source, n_samples=seeds))
     if seeds > 1:
         result.rows.append(metric_row("bpb_std", float(np.std(bpbs, ddof=1)), "bits/byte",
                                       source=f"std over {seeds} h0 seeds", n_samples=seeds))
-    result.rows.append(metric_row("perplexity", float(np.mean(ppls)), "per token (bytes tokenizer)",
+    result.rows.append(metric_row("perplexity", float(np.mean(ppls)), f"per token ({tok.name} tokenizer)",
                                   source=source, n_samples=seeds))
     result.add_samples("bpb", "bits/byte", bpbs)
     if corpus.probe_test:

@@ -21,6 +21,7 @@ from loopscope.bench.context import RunContext
 from loopscope.bench.corpus import load_corpus
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row, unmeasured
+from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import Diverged, WorkloadResult
 from loopscope.bench.workloads.common import build_model, reseed, synchronize
 
@@ -107,10 +108,11 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     train = cell.settings["train"]
     data_cfg = cell.settings["data"]
     corpus = load_corpus(data_cfg["corpus"], max_bytes=data_cfg["max_bytes"])
+    tok = tokenize(corpus, data_cfg["tokenizer"], Path(ctx.run_dir) / "tokenizers")
     cfg = ModelConfig.from_dict(cell.model_config)
     tokens = token_budget(cell)
     steps = max(tokens // (cell.batch * cell.seq_len), 1)
-    offsets = batch_offsets(len(corpus.train), cell.seq_len, cell.batch, steps, cell.seed)
+    offsets = batch_offsets(len(tok.train), cell.seq_len, cell.batch, steps, cell.seed)
 
     torch.manual_seed(cell.seed)
     model = build_model(cell)
@@ -132,7 +134,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         reseed(model, cell.seed * 1_000_003 + step)  # loop counts and h0 depend on the step only
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cell.lr, train["warmup_frac"], train["cooldown_frac"])
-        x, y = get_batch(corpus.train, offsets[step], cell.seq_len, cell.device)
+        x, y = get_batch(tok.train, offsets[step], cell.seq_len, cell.device)
         with autocast:
             logits = model(x)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
@@ -182,7 +184,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     else:
         result.rows.append(unmeasured("tokens_per_s", "tokens/s", "unavailable: resumed after the last step"))
     result.add_samples("train_loss", "nats/token", losses)
-    result.rows.extend(_state_rows(model, corpus.val, cell))
+    result.rows.extend(_state_rows(model, tok.val, cell))
     return result
 
 
