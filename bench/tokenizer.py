@@ -74,10 +74,8 @@ def tokenize(corpus: Corpus, spec: str, cache_dir: Path | None) -> Tokenized:
     kind, size = parse_spec(spec)
     if kind == "bytes":
         return Tokenized("bytes", 256, corpus.train, corpus.val, np.ones(256, dtype=np.int64))
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ConfigError(f"data.tokenizer = {spec!r} needs the `tokenizers` package (pip install tokenizers)") from None
+    from tokenizers import Tokenizer
+
     # Byte-level BPE models UTF-8 text; invalid bytes become U+FFFD, and bpb counts the bytes modelled.
     train_text = bytes(corpus.train).decode("utf-8", errors="replace")
     val_text = bytes(corpus.val).decode("utf-8", errors="replace")
