@@ -110,7 +110,9 @@ def load_corpus(spec: str = "default", *, max_bytes: int | None = None) -> Corpu
         return Corpus(spec, as_bytes(train_ex), as_bytes(test_ex),
                       f"k-hop pointer chasing, {probe.symbols} symbols, 1..{probe.max_hops} hops", tuple(test_ex))
     if spec.startswith("hf:"):
-        raise ConfigError(f"corpus {spec!r}: Hugging Face corpora need the optional extra loopscope[hf], "
-                          "which this version does not support yet; use 'default' or a local path")
+        from loopscope.bench.hf_corpus import cached_documents
+
+        train, val = split_documents(cached_documents(spec, max_bytes), max_bytes)
+        return Corpus(spec, train, val, f"Hugging Face dataset {spec[3:]} (train split, streamed), bytes")
     train, val = split_documents(_file_documents(spec), max_bytes)
     return Corpus(spec, train, val, f"local text from {spec}, bytes")
