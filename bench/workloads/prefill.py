@@ -62,6 +62,29 @@ def analytic_memory_rows(cell: Cell) -> list[dict]:
             estimate_row(weights, kv, act)]
 
 
+def gpu_health(device: str) -> dict | None:
+    """Temperature and clock-throttle reasons of the cell's GPU (None on CPU)."""
+    if not device.startswith("cuda"):
+        return None
+    from loopscope.bench.fingerprint import gpu_health as snapshot
+
+    return snapshot(device=device if ":" in device else "cuda:0")
+
+
+def throttle_rows(before: dict | None, after: dict | None) -> list[dict]:
+    """A `gpu_throttled` flag (1/0) for the timed pass, with the reasons and temperatures seen."""
+    if before is None or after is None:
+        return []
+    from loopscope.bench.fingerprint import is_throttled
+
+    if not (before.get("available") and after.get("available")):
+        return [unmeasured("gpu_throttled", "flag", "unavailable: no NVML clock-event reasons")]
+    reasons = sorted(set(before.get("throttle_reasons") or []) | set(after.get("throttle_reasons") or []))
+    source = (f"NVML before/after: reasons {reasons or 'none'}, "
+              f"{before.get('temperature_c')} -> {after.get('temperature_c')} C")
+    return [metric_row("gpu_throttled", float(is_throttled(before, after)), "flag", source=source)]
+
+
 def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     from loopscope.bench.meters import memory, timing
     from loopscope.models import ModelConfig, flops_per_token
@@ -85,8 +108,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         call, model = forward_fn(cell)
     result.rows += analytic_memory_rows(cell)
 
+    health_before = gpu_health(cell.device)
     timed = timing.measure(call, min_time_s=float(measure["min_time_s"]), min_count=int(measure["min_count"]),
                            warmup=max(int(measure["warmup"]), 1), sync=sync, device=cell.device)
+    result.rows += throttle_rows(health_before, gpu_health(cell.device))
     result.rows += timed.latency_rows()
     result.rows += timed.throughput_rows(units_per_call=tokens)
     result.rows += timed.compile_rows()
@@ -111,10 +136,11 @@ def energy_pass(call: Callable[[], object], sync: Callable[[], None], cell: Cell
     probe = energy.EnergyMeter(cell.device, min_window_s=window_s)
     if not probe.available():
         return energy.energy_rows(probe, tokens=0)
+    rows = [energy.idle_power_row(cell.device, seconds=min(window_s, 5.0))]  # the floor under the pass
     calls = 0
     with energy.EnergyMeter(cell.device, min_window_s=window_s) as meter:
         while meter.elapsed_s() < window_s or calls == 0:
             call()
             calls += 1
         sync()
-    return energy.energy_rows(meter, tokens=calls * tokens_per_call)
+    return rows + energy.energy_rows(meter, tokens=calls * tokens_per_call)

@@ -26,6 +26,7 @@ from loopscope.bench.workloads import Diverged, WorkloadResult
 from loopscope.bench.workloads.common import build_model, reseed, synchronize
 
 SPIKE_WINDOW = 50
+STATS_POINTS = 25  # how many times per training run the loop stability diagnostics are sampled
 
 
 def token_budget(cell: Cell) -> int:
@@ -129,14 +130,16 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     step_times: list[float] = []
     spikes = 0
     every = int(train["checkpoint_every"])
+    stats_every = max(steps // STATS_POINTS, 1)
     for step in range(start, steps):
         t0 = time.perf_counter()
         reseed(model, cell.seed * 1_000_003 + step)  # loop counts and h0 depend on the step only
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, cell.lr, train["warmup_frac"], train["cooldown_frac"])
         x, y = get_batch(tok.train, offsets[step], cell.seq_len, cell.device)
+        stats = {} if (step % stats_every == 0 or step == steps - 1) and cell.family != "gpt" else None
         with autocast:
-            logits = model(x)
+            logits = model(x, stats=stats)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -154,6 +157,8 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         if len(window) >= 10 and value > float(train["spike_factor"]) * float(np.median(window)):
             spikes += 1
         losses.append(value)
+        if stats:
+            _record_loop_stats(result, stats, step)
         if every and (step + 1) % every == 0 and step + 1 < steps:
             save_state(partial, model, opt, step + 1, losses)
 
@@ -186,6 +191,16 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     result.add_samples("train_loss", "nats/token", losses)
     result.rows.extend(_state_rows(model, tok.val, cell))
     return result
+
+
+def _record_loop_stats(result: WorkloadResult, stats: dict, step: int) -> None:
+    """Stability over training: rho(A_bar) (parcae), adapter norm (rdm), last-loop state norm."""
+    for key in ("spectral_radius", "adapter_spectral_norm", "final_residual"):
+        if key in stats:
+            result.samples.append({"metric": key, "unit": "", "index": step, "value": float(stats[key])})
+    if stats.get("state_norm"):
+        result.samples.append({"metric": "state_norm_last_loop", "unit": "l2", "index": step,
+                               "value": float(stats["state_norm"][-1])})
 
 
 @torch.no_grad()
