@@ -30,6 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "decode": {"prompt_len": 64, "new_tokens": 32},
 }
 RANDOM_STATE_FAMILIES = ("parcae", "rdm")  # random h0: evaluate over several seeds
+DEFAULT_EVAL_LOOPS = [1, 2, 4, 8, 16, 32]  # test-time loop counts when an eval sweep names none
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
             "dtype": _axis_values(sweep, "dtype", "float32"),
             "batch": _axis_values(sweep, "batch", None),
             "seq_len": _axis_values(sweep, "seq_len", None),
-            "loops_test": _axis_values(sweep, "loops_test", None),
+            "loops_test": _axis_values(sweep, "loops_test",
+                                       DEFAULT_EVAL_LOOPS if "eval" in _axis_values(sweep, "workload", []) else None),
             "kv_policy": _axis_values(sweep, "kv_policy", None),
             "lr": _axis_values(sweep, "lr", settings["train"]["lr"]),
         }
