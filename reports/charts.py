@@ -1,11 +1,14 @@
 """Seaborn charts of a run. Each chart function returns a Chart, or an Omitted saying why.
 
 A chart's `reading` is one sentence computed from the plotted data, printed under it in the report.
+Colours are fixed per family (and per model, ordered by family) so a model looks the same everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import matplotlib
@@ -13,9 +16,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter  # noqa: E402
 
-from loopscope.reports.frames import RunData, at_training_loops, pareto_front, quality_frame  # noqa: E402
+from loopscope.reports import frames  # noqa: E402
+from loopscope.reports.fits import fit_saturation, overthinking  # noqa: E402
+from loopscope.reports.frames import DENSE_FAMILY, FAMILY_ORDER, RunData, family_rank  # noqa: E402
+
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+WIDE = 20.0  # a value range wider than this factor gets a log axis
 
 
 @dataclass
@@ -33,109 +44,766 @@ class Omitted:
     why: str
 
 
-def _fig(width: float = 6.4, height: float = 4.2) -> tuple[plt.Figure, plt.Axes]:
-    sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(width, height), dpi=110)
-    return fig, ax
+ChartFn = Callable[[RunData], "Chart | Omitted"]
 
 
-def bpb_vs_params(run: RunData) -> Chart | Omitted:
-    title = "Bits per byte vs unique parameters"
-    df = at_training_loops(quality_frame(run))
-    if df.empty:
-        return Omitted("bpb_vs_params", title, "no eval cell finished (the profile has no eval workload)")
-    fig, ax = _fig()
-    sns.scatterplot(data=df, x="params_unique", y="value", hue="family", style="family", s=90, ax=ax)
-    for _, r in df.iterrows():
-        ax.annotate(r["model"], (r["params_unique"], r["value"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
-    front = pareto_front(df["params_unique"].to_numpy(float), df["value"].to_numpy(float))
+def _styled(fn: ChartFn) -> ChartFn:
+    """Draw inside seaborn's style and font contexts, so no global theme is changed."""
+    @functools.wraps(fn)
+    def wrapper(run: RunData) -> Chart | Omitted:
+        with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
+            return fn(run)
+    return wrapper
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+
+def si(value: float, unit: str = "") -> str:
+    """1234567 -> '1.23M'; with a unit, 5.9e10 FLOP/s -> '59.5 GFLOP/s'."""
+    if not np.isfinite(value):
+        return "NaN"
+    mantissa, prefix = f"{value:.3g}", ""
+    steps = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "µ"))
+    if value != 0:
+        for factor, p in steps:
+            if abs(value) >= factor:
+                mantissa, prefix = f"{value / factor:.3g}", p
+                break
+    return f"{mantissa} {prefix}{unit}" if unit else f"{mantissa}{prefix}"
+
+
+def human_bytes(value: float) -> str:
+    if not np.isfinite(value):
+        return "NaN"
+    for factor, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def bytes_unit(largest: float) -> tuple[float, str]:
+    """(divisor, name) of the largest binary unit not bigger than `largest`."""
+    for factor, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if largest >= factor:
+            return float(factor), unit
+    return 1.0, "bytes"
+
+
+def _legend_below(fig: plt.Figure, axes: Iterable[plt.Axes], ncol: int = 3) -> None:
+    """One legend for all panels, under them, so no legend covers data; duplicate labels merged."""
+    handles: dict[str, object] = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    if not handles:
+        fig.tight_layout()
+        return
+    rows = math.ceil(len(handles) / ncol)
+    height = fig.get_figheight()
+    fig.set_figheight(height + 0.22 * rows)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (0.22 * rows + 0.1) / fig.get_figheight(), 1, 1))
+
+
+def _legend_right(ax: plt.Axes) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def _family_colors() -> dict[str, tuple]:
+    palette = sns.color_palette("colorblind", len(FAMILY_ORDER) + 3)
+    return {fam: palette[i] for i, fam in enumerate(FAMILY_ORDER)}
+
+
+def _family_color(family: str) -> tuple:
+    return _family_colors().get(family, (0.4, 0.4, 0.4))
+
+
+def _model_colors(run: RunData) -> dict[str, tuple]:
+    """Models ordered by family then name; models of one family get shades of the family colour."""
+    cells = run.cell_frame()
+    pairs = sorted({(f, m) for f, m in zip(cells["family"], cells["model"], strict=True)},
+                   key=lambda fm: (family_rank(fm[0]), fm[1]))
+    colors: dict[str, tuple] = {}
+    for family in dict.fromkeys(f for f, _ in pairs):
+        models = [m for f, m in pairs if f == family]
+        base = _family_color(family)
+        shades = [base] if len(models) == 1 else sns.dark_palette(base, len(models) + 1, reverse=True)[:-1]
+        colors.update(zip(models, shades, strict=True))
+    return colors
+
+
+def _log_if_wide(ax: plt.Axes, axis: str, values: Iterable[float], base: float = 10) -> bool:
+    v = np.asarray([x for x in values if np.isfinite(x) and x > 0], dtype=float)
+    if v.size and v.max() > WIDE * v.min():
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log", base=base)
+        if base == 10 and v.max() < 1000 * v.min():  # few decades: label 1-2-5 steps, not only powers of 10
+            (ax.xaxis if axis == "x" else ax.yaxis).set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        return True
+    return False
+
+
+def _si_axis(ax: plt.Axes, axis: str, fmt: Callable[[float], str] = si) -> None:
+    formatter = FuncFormatter(lambda v, _pos: fmt(v))
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_formatter(formatter)
+    target.set_minor_formatter(NullFormatter())
+
+
+def _label_points(ax: plt.Axes, xs: Iterable[float], ys: Iterable[float], labels: Iterable[str],
+                  fontsize: float = 7.0) -> None:
+    """Name each point, trying four offsets so labels do not overlap each other (greedy)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    placed: list = []
+    char_w, line_h = fontsize * 0.62 * fig.dpi / 72, fontsize * 1.3 * fig.dpi / 72
+    for x, y, text in zip(xs, ys, labels, strict=True):
+        px, py = ax.transData.transform((x, y))
+        w = char_w * len(text)
+        for dx, dy, ha in ((5, 4, "left"), (5, -11, "left"), (-5, 4, "right"), (-5, -11, "right"), (5, 14, "left")):
+            x0 = px + dx if ha == "left" else px + dx - w
+            box = (x0, py + dy, x0 + w, py + dy + line_h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, ha=ha,
+                    color="#333333")
+
+
+def _why_no(run: RunData, workloads: tuple[str, ...], what: str) -> str:
+    """Why there are no finished cells of these workloads: none in the profile, or all failed."""
+    cells = run.cell_frame()
+    mine = cells[cells["workload"].isin(workloads)]
+    if mine.empty:
+        return f"the run has no {' or '.join(workloads)} cells ({what})"
+    counts = mine["status"].value_counts()
+    statuses = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return f"no {' or '.join(workloads)} cell finished with data for it ({statuses}; {what})"
+
+
+def _series_label(model: str, lr: float, many_lrs: bool) -> str:
+    return f"{model} lr={lr:g}" if many_lrs and np.isfinite(lr) else model
+
+
+def _pct(a: float, b: float) -> str:
+    """Signed relative difference of a against b, as text."""
+    return f"{(a / b - 1) * 100:+.1f}%"
+
+
+# --- 1, 2: quality per parameter and per training FLOP -------------------------------------------
+
+
+def _quality_scatter(df: pd.DataFrame, x: str, xlabel: str) -> tuple[plt.Figure, np.ndarray]:
+    fig, ax = plt.subplots(figsize=(6.6, 4.3), dpi=110)
+    families = sorted(df["family"].unique(), key=family_rank)
+    for family in families:
+        g = df[df["family"] == family]
+        ax.scatter(g[x], g["value"], s=60, color=_family_color(family), label=family, zorder=3,
+                   marker="o" if family == DENSE_FAMILY else "D", edgecolor="white", linewidth=0.6)
+        if g["bpb_std"].notna().any():
+            ax.errorbar(g[x], g["value"], yerr=g["bpb_std"].fillna(0), fmt="none", ecolor="grey", lw=0.8,
+                        capsize=2, zorder=2)
+    front = frames.pareto_front(df[x].to_numpy(float), df["value"].to_numpy(float))
     if len(front) > 1:
         pts = df.iloc[front]
-        ax.plot(pts["params_unique"], pts["value"], "--", color="grey", lw=1, label="Pareto frontier")
-    if df["params_unique"].max() > 10 * df["params_unique"].min():
-        ax.set_xscale("log")
-    ax.set_xlabel("unique parameters (shared weights counted once)")
-    ax.set_ylabel("bits per byte (held-out, lower is better)")
-    ax.legend(fontsize=8)
-    best = df.loc[df["value"].idxmin()]
-    reading = (f"Lowest bits per byte: {best['model']} ({best['family']}) at {best['value']:.3f} bpb "
-               f"with {best['params_unique'] / 1e6:.2f}M unique parameters; points on the dashed line are "
-               "not beaten by any smaller model.")
-    return Chart("bpb_vs_params", title, fig, reading)
+        ax.plot(pts[x], pts["value"], drawstyle="steps-post", ls="--", color="grey", lw=1,
+                label="Pareto frontier", zorder=1)
+    if not _log_if_wide(ax, "x", df[x]):
+        span = df[x].max() - df[x].min()
+        pad = 0.08 * span if span > 0 else 0.05 * df[x].max()
+        ax.set_xlim(df[x].min() - pad, df[x].max() + pad * 2.5)
+    _si_axis(ax, "x")
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("bits per byte (held-out; lower is better)")
+    ax.legend(fontsize=7, loc="best", framealpha=0.9)
+    _label_points(ax, df[x], df["value"], df["model"])
+    return fig, front
 
 
-def bpb_vs_loops(run: RunData) -> Chart | Omitted:
-    title = "Bits per byte vs test-time loops"
-    df = quality_frame(run)
-    df = df[df["loops_test"].notna()] if not df.empty else df
-    if df.empty or df["loops_test"].nunique() < 2:
-        return Omitted("bpb_vs_loops", title, "fewer than two test-time loop counts were evaluated")
-    fig, ax = _fig()
-    sns.lineplot(data=df, x="loops_test", y="value", hue="model", marker="o", ax=ax)
-    for _, g in df.groupby("model"):
-        if g["bpb_std"].notna().any():
-            ax.errorbar(g["loops_test"], g["value"], yerr=g["bpb_std"], fmt="none", ecolor="grey",
-                        capsize=2, lw=0.8)
-        ax.axvline(g["loops_train"].iloc[0], color="grey", ls=":", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("loops at test time T (dotted: training mean loops)")
-    ax.set_ylabel("bits per byte")
-    parts = []
-    for model, g in df.sort_values("loops_test").groupby("model"):
-        lo, hi = g.iloc[0], g.iloc[-1]
-        parts.append(f"{model} goes from {lo['value']:.3f} at T={int(lo['loops_test'])} "
-                     f"to {hi['value']:.3f} at T={int(hi['loops_test'])}")
-    return Chart("bpb_vs_loops", title, fig, "; ".join(parts) + ".")
-
-
-def train_loss_curves(run: RunData) -> Chart | Omitted:
-    title = "Training loss"
-    s = run.samples[run.samples["metric"] == "train_loss"]
-    if s.empty:
-        return Omitted("train_loss", title, "no train cell recorded a loss curve")
-    labels = {cid: run.cells[cid]["cell"]["model"] + (
-        f" lr={run.cells[cid]['cell']['lr']:g}" if _many_lrs(run) else "") for cid in s["cell_id"].unique()
-        if cid in run.cells}
-    s = s.assign(cell=s["cell_id"].map(labels))
-    # Smooth with a rolling median so spikes show but noise does not hide the trend.
-    s = s.sort_values(["cell", "index"])
-    s["smoothed"] = s.groupby("cell")["value"].transform(lambda v: v.rolling(9, min_periods=1, center=True).median())
-    fig, ax = _fig()
-    sns.lineplot(data=s, x="index", y="smoothed", hue="cell", ax=ax, lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("train loss (nats/token, rolling median of 9)")
-    final = s.groupby("cell")["value"].apply(lambda v: float(np.mean(v.to_numpy()[-max(len(v) // 10, 1):])))
-    reading = "Final train loss (mean of the last 10% of steps): " + ", ".join(
-        f"{k} {v:.3f}" for k, v in final.sort_values().items()) + "."
-    return Chart("train_loss", title, fig, reading)
-
-
-def _many_lrs(run: RunData) -> bool:
-    lrs = {r["cell"].get("lr") for r in run.cells.values() if r["cell"]["workload"] == "train"}
-    return len(lrs) > 1
-
-
-def throughput_vs_depth(run: RunData) -> Chart | Omitted:
-    title = "Prefill throughput vs effective depth"
-    df = run.metric("tokens_per_s", stat="median")
-    df = df[df["workload"] == "prefill"] if not df.empty else df
+@_styled
+def bpb_vs_params(run: RunData) -> Chart | Omitted:
+    name, title = "bpb_vs_params", "Bits per byte vs unique parameters"
+    df = frames.at_training_loops(frames.quality_frame(run))
     if df.empty:
-        return Omitted("throughput_vs_depth", title, "no prefill cell finished")
-    df = df.assign(series=df["family"] + " / " + df["backend"])
-    fig, ax = _fig()
-    sns.scatterplot(data=df, x="effective_depth", y="value", hue="series", style="device", s=80, ax=ax)
-    ax.errorbar(df["effective_depth"], df["value"],
-                yerr=[df["value"] - df["ci_low"], df["ci_high"] - df["value"]], fmt="none", ecolor="grey", lw=0.8)
-    ax.set_xlabel("effective depth P + T·R + C (layers run per token)")
-    ax.set_ylabel("prefill tokens/s (median, 95% CI)")
-    fastest = df.loc[df["value"].idxmax()]
-    reading = (f"Throughput falls with effective depth: looped models pay for every loop. Fastest cell: "
-               f"{fastest['model']} ({fastest['backend']}, depth {int(fastest['effective_depth'])}) "
-               f"at {fastest['value']:,.0f} tokens/s.")
-    return Chart("throughput_vs_depth", title, fig, reading)
+        return Omitted(name, title, _why_no(run, ("eval",), "bits per byte come from eval cells"))
+    fig, front = _quality_scatter(df, "params_unique", "unique parameters (shared weights counted once)")
+    best = df.loc[df["value"].idxmin()]
+    reading = (f"Lowest: {best['model']} at {best['value']:.3f} bpb with {si(best['params_unique'])} unique "
+               f"parameters; Pareto frontier: {', '.join(df.iloc[front]['model'])}")
+    pairs = frames.matched_pairs(run, "iso-param")
+    if not pairs.empty and "bpb ratio" in pairs:
+        parts = [f"{r['looped']} is {_pct(r['looped bpb'], r['dense bpb'])} vs {r['dense']} at "
+                 f"{r['match ratio']:.2f}x its parameters" for _, r in pairs.iterrows() if np.isfinite(r["bpb ratio"])]
+        if parts:
+            reading += "; " + "; ".join(parts)
+    return Chart(name, title, fig, reading + ".")
 
 
-CHARTS: tuple[Callable[[RunData], Chart | Omitted], ...] = (
-    bpb_vs_params, bpb_vs_loops, train_loss_curves, throughput_vs_depth,
+@_styled
+def bpb_vs_train_flops(run: RunData) -> Chart | Omitted:
+    name, title = "bpb_vs_train_flops", "Bits per byte vs training FLOPs"
+    df = frames.quality_vs_flops(run)
+    if df.empty:
+        return Omitted(name, title, _why_no(run, ("eval",), "training FLOPs need an eval cell and its finished "
+                                                            "train cell's train_tokens"))
+    fig, front = _quality_scatter(df, "train_flops", "training FLOPs (analytic FLOPs/token x tokens trained)")
+    cheapest = df.loc[df["train_flops"].idxmin()]
+    best = df.loc[df["value"].idxmin()]
+    reading = (f"{best['model']} reaches the lowest bpb ({best['value']:.3f}) with {si(best['train_flops'], 'FLOP')} "
+               f"of training, {best['train_flops'] / cheapest['train_flops']:.2f}x the least-compute model "
+               f"{cheapest['model']} ({cheapest['value']:.3f} bpb); Pareto frontier: "
+               f"{', '.join(df.iloc[front]['model'])}.")
+    if best["model"] == cheapest["model"]:
+        reading = (f"{best['model']} is both the cheapest to train ({si(best['train_flops'], 'FLOP')}) and the best "
+                   f"({best['value']:.3f} bpb): it dominates every other model here.")
+    return Chart(name, title, fig, reading)
+
+
+# --- 3: test-time loops with the saturation fit --------------------------------------------------
+
+
+@_styled
+def bpb_vs_loops(run: RunData) -> Chart | Omitted:
+    name, title = "bpb_vs_loops", "Bits per byte vs test-time loops"
+    q = frames.quality_frame(run)
+    looped = q[q["loops_test"].notna()] if not q.empty else q
+    if looped.empty or looped["loops_test"].nunique() < 2:
+        why = ("no looped model was evaluated" if looped.empty else
+               f"only one test-time loop count (T={int(looped['loops_test'].iloc[0])}) was evaluated")
+        return Omitted(name, title, why if not q.empty else _why_no(run, ("eval",), "bits per byte"))
+    best_lr = frames.at_training_loops(q).set_index("model")["lr"]
+    looped = looped[(looped["lr"] == looped["model"].map(best_lr)) | looped["lr"].isna()]
+    colors = _model_colors(run)
+    fig, ax = plt.subplots(figsize=(6.6, 4.3), dpi=110)
+    parts = []
+    for model, g in looped.sort_values("loops_test").groupby("model", sort=True):
+        color = colors.get(model, "C0")
+        T, L = g["loops_test"].to_numpy(float), g["value"].to_numpy(float)
+        ax.errorbar(T, L, yerr=g["bpb_std"].fillna(0).to_numpy(), fmt="o", color=color, ms=5, capsize=2,
+                    lw=0.8, label=model, zorder=3)
+        train_T = float(g["loops_train"].iloc[0])
+        ax.axvline(train_T, color=color, ls=":", lw=1)
+        text = f"{model} {L[0]:.3f} at T={T[0]:g} to {L[-1]:.3f} at T={T[-1]:g}"
+        if np.unique(T).size == 1:
+            text = f"{model} {L[0]:.3f} at T={T[0]:g} only"
+        elif np.unique(T).size >= 3:
+            try:
+                fit = fit_saturation(T, L)
+            except ValueError as err:
+                text += f" (no saturation fit: {err})"
+            else:
+                grid = np.geomspace(T.min(), T.max(), 100)
+                ax.plot(grid, fit.predict(grid), color=color, lw=1.2, alpha=0.8)
+                text += (f", fit L_inf={fit.L_inf:.3f} Z={fit.Z:.3g} z={fit.z:.2f} (rms {fit.residual:.1e})")
+        else:
+            ax.plot(T, L, color=color, lw=1, alpha=0.6)
+            text += " (too few loop counts to fit L_inf + Z exp(-zT))" if np.unique(T).size == 2 else ""
+        noise = 2 * float(np.nanmax(g["bpb_std"])) if g["bpb_std"].notna().any() else 0.0
+        over = overthinking(T, L, train_T, tolerance=noise)
+        if over is not None:
+            text += (f", OVERTHINKING: up from {over.best_L:.3f} at T={over.best_T:g} to {over.worst_L:.3f} at "
+                     f"T={over.worst_T:g} beyond its {train_T:g} training loops")
+            ax.annotate("overthinking", (over.worst_T, over.worst_L), xytext=(0, 10), textcoords="offset points",
+                        ha="center", fontsize=7, color=color, arrowprops={"arrowstyle": "-", "color": color})
+        parts.append(text)
+    dense = frames.at_training_loops(q)
+    dense = dense[dense["family"] == DENSE_FAMILY]
+    for _, r in dense.iterrows():
+        ax.axhline(r["value"], color=colors.get(r["model"], "grey"), ls="--", lw=1, label=f"{r['model']} (dense)")
+    Ts = sorted(looped["loops_test"].unique())
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(Ts)
+    ax.set_xlim(min(Ts) / 1.2, max(Ts) * 1.2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3f}"))
+    ax.set_xlabel("test-time loops T (dotted: training mean loops; line: fit L_inf + Z exp(-zT))")
+    ax.set_ylabel("bits per byte (held-out; bars: std over h0 seeds)")
+    fig.set_figwidth(8.2)
+    _legend_right(ax)
+    fig.tight_layout()
+    return Chart(name, title, fig, "; ".join(parts) + ".")
+
+
+# --- 4: throughput vs effective depth ------------------------------------------------------------
+
+
+@_styled
+def throughput_vs_depth(run: RunData) -> Chart | Omitted:
+    name, title = "throughput_vs_depth", "Prefill and decode throughput vs effective depth"
+    df = frames.speed_frame(run)
+    if df.empty:
+        return Omitted(name, title, _why_no(run, ("prefill", "decode"), "tokens/s"))
+    workloads = [w for w in ("prefill", "decode") if (df["workload"] == w).any()]
+    colors = _model_colors(run)
+    df = df.assign(engine=df["backend"] + " / " + df["device"])
+    engines = sorted(df["engine"].unique())
+    markers = dict(zip(engines, "osD^vP*X", strict=False))
+    styles = dict(zip(engines, ["-", "--", ":", "-."] * 3, strict=False))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.2 * len(workloads) + 1.2, 4.3), dpi=110, squeeze=False)
+    readings = []
+    for ax, workload in zip(axes[0], workloads, strict=True):
+        w = df[df["workload"] == workload]
+        keys = ["model", "engine", "batch", "seq_len", "dtype", "kv_policy"]
+        for key, g in w.groupby(keys, dropna=False, sort=True):
+            g = g.sort_values("effective_depth")
+            model, engine, kv = key[0], key[1], key[5]
+            label = f"{model} · {engine}" + ("" if pd.isna(kv) else f" · KV {kv}")
+            ax.errorbar(g["effective_depth"], g["value"],
+                        yerr=[(g["value"] - g["ci_low"]).clip(lower=0).fillna(0),
+                              (g["ci_high"] - g["value"]).clip(lower=0).fillna(0)],
+                        color=colors.get(model, "C0"), marker=markers[engine], ls=styles[engine], ms=5, lw=1.2,
+                        elinewidth=0.7, capsize=2, label=label)
+        _log_if_wide(ax, "y", pd.concat([w["ci_low"], w["ci_high"], w["value"]]))
+        _si_axis(ax, "y")
+        ax.set_xlabel("effective depth P + T·R + C (layers run per token)")
+        ax.set_ylabel(f"{workload} tokens/s (median; bars: 95% CI)")
+        ax.set_title(workload, fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        readings.append(_throughput_reading(workload, w))
+    _legend_below(fig, axes[0], ncol=2 if len(workloads) == 1 else 3)
+    return Chart(name, title, fig, "; ".join(readings) + ".")
+
+
+def _throughput_reading(workload: str, w: pd.DataFrame) -> str:
+    fastest = w.loc[w["value"].idxmax()]
+    text = (f"{workload}: fastest {fastest['model']} ({fastest['engine']}, depth {int(fastest['effective_depth'])}) "
+            f"at {fastest['value']:,.0f} tokens/s")
+    # The steepest fall within one looped series: what each extra loop costs.
+    worst = None
+    for _, g in w.groupby(["model", "engine", "batch", "seq_len"], dropna=False):
+        if g["effective_depth"].nunique() < 2:
+            continue
+        g = g.sort_values("effective_depth")
+        lo, hi = g.iloc[0], g.iloc[-1]
+        depth_x, speed_x = hi["effective_depth"] / lo["effective_depth"], hi["value"] / lo["value"]
+        if worst is None or speed_x < worst[0]:
+            worst = (speed_x, depth_x, lo, hi)
+    if worst is not None:
+        speed_x, depth_x, lo, hi = worst
+        text += (f"; {lo['model']} ({lo['engine']}) keeps {speed_x:.2f}x of its speed going from depth "
+                 f"{int(lo['effective_depth'])} to {int(hi['effective_depth'])} ({depth_x:.1f}x the layers)")
+    wide = w[(w["ci_high"] - w["ci_low"]) > 0.5 * w["value"]]
+    if not wide.empty:
+        text += f" ({len(wide)} cell(s) with a 95% CI wider than half the median: noisy timings)"
+    return text
+
+
+# --- 5: memory vs context ------------------------------------------------------------------------
+
+
+@_styled
+def memory_vs_context(run: RunData) -> Chart | Omitted:
+    name, title = "memory_vs_context", "Weights and KV cache vs context length"
+    df = frames.memory_frame(run)
+    if df.empty:
+        return Omitted(name, title, _why_no(run, ("decode",), "weights + KV bytes come from decode cells"))
+    policies = sorted(df["kv_policy"].unique())
+    colors = _model_colors(run)
+    fig, axes = plt.subplots(1, len(policies), figsize=(4.6 * len(policies) + 1.0, 4.2), dpi=110,
+                             squeeze=False, sharey=True)
+    max_ctx = float(df["seq_len"].max())
+    grid = np.linspace(0, max_ctx * 1.5, 64)
+    # Plot in one binary unit (ticks at round MiB, not at round bytes).
+    largest = float((df["weights_bytes"] + df["kv_cache_bytes"] * 1.5).max())
+    div, unit = bytes_unit(largest)
+    for ax, policy in zip(axes[0], policies, strict=True):
+        p = df[df["kv_policy"] == policy]
+        for key, g in p.groupby(["model", "loops_test", "batch", "dtype"], dropna=False, sort=True):
+            model, loops, batch, dtype = key
+            color = colors.get(model, "C0")
+            label = f"{model}" + ("" if pd.isna(loops) else f" T={int(loops)}") + f" b{int(batch)}"
+            weights = float(g["weights_bytes"].iloc[0])
+            cfg = run.model_config(g["cell_id"].iloc[0])
+            if cfg is not None:
+                from loopscope.models import kv_bytes_per_token
+
+                per_token = kv_bytes_per_token(cfg, None if pd.isna(loops) else int(loops),
+                                               dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+                                               policy="per-loop" if policy == "full (dense)" else policy)
+                total = weights + per_token * batch * grid
+                ax.plot(grid, total / div, color=color, lw=1.3, label=label)
+                ax.fill_between(grid, weights / div, total / div, color=color, alpha=0.12)
+            ax.axhline(weights / div, color=color, ls="--", lw=0.9)
+            ax.scatter(g["seq_len"], (g["weights_bytes"] + g["kv_cache_bytes"]) / div, color=color, zorder=3,
+                       s=30, edgecolor="black", linewidth=0.5, label=label if cfg is None else None)
+        ax.set_title(f"KV policy: {policy}", fontsize=9)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_xlim(0, grid[-1])
+    axes[0][0].set_ylabel(f"{unit} (dashed: weights; shaded: KV cache; dots: measured)")
+    axes[0][0].set_ylim(bottom=0)
+    _legend_below(fig, axes[0])
+    return Chart(name, title, fig, _memory_reading(df))
+
+
+def _memory_reading(df: pd.DataFrame) -> str:
+    df = df.assign(kv_share=df["kv_cache_bytes"] / df["weights_bytes"])
+    top = df.loc[df["kv_share"].idxmax()]
+    loops = "" if pd.isna(top["loops_test"]) else f" T={int(top['loops_test'])}"
+    text = (f"At {int(top['seq_len'])} tokens (batch {int(top['batch'])}) the {top['kv_policy']} KV cache of "
+            f"{top['model']}{loops} is {human_bytes(top['kv_cache_bytes'])} ({top['kv_share']:.2f}x its "
+            f"{human_bytes(top['weights_bytes'])} of weights, {top['kv_source']})")
+    both = df.pivot_table(index=["model", "loops_test", "batch", "seq_len"], columns="kv_policy",
+                          values="kv_cache_bytes")
+    if {"per-loop", "last-loop"} <= set(both.columns):
+        pair = both.dropna(subset=["per-loop", "last-loop"])
+        if not pair.empty:
+            (model, loops_, _, _), r = next(iter(pair.iterrows()))
+            text += (f"; caching only the last loop cuts {model} T={int(loops_)} from "
+                     f"{human_bytes(r['per-loop'])} to {human_bytes(r['last-loop'])} "
+                     f"({r['per-loop'] / r['last-loop']:.1f}x less)")
+    return text + "."
+
+
+# --- 6: energy per token -------------------------------------------------------------------------
+
+
+@_styled
+def energy_per_token(run: RunData) -> Chart | Omitted:
+    name, title = "energy_per_token", "Energy per token"
+    df, why = frames.energy_frame(run)
+    if df.empty:
+        reason = ("no cell measured energy: " + "; ".join(why)) if why else \
+            _why_no(run, ("prefill", "decode"), "energy is measured in prefill and decode cells")
+        return Omitted(name, title, reason)
+    df = df.assign(cell=[f"{m}" + ("" if pd.isna(t) else f" T={int(t)}") + ("" if pd.isna(kv) else f" KV {kv}")
+                         for m, t, kv in zip(df["model"], df["loops_test"], df["kv_policy"], strict=True)],
+                   where=df["workload"] + " · " + df["device"] + " · " + df["backend"])
+    df = df.sort_values(["family", "model", "loops_test"], key=lambda s: s.map(family_rank) if s.name == "family"
+                        else s)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * df["cell"].nunique() + 3), 4.4), dpi=110)
+    sns.barplot(data=df, x="cell", y="value", hue="where", ax=ax, errorbar=None)
+    if len(df) <= 8:  # more labels than that collide
+        for container in ax.containers:
+            ax.bar_label(container, labels=[si(v.get_height(), "J") for v in container], fontsize=6.5, padding=2)
+    _log_if_wide(ax, "y", df["value"])
+    _si_axis(ax, "y", lambda v: si(v, "J"))
+    ax.set_xlabel("")
+    ax.set_ylabel("energy per token (device counter over the window)")
+    plt.setp(ax.get_xticklabels(), rotation=25, ha="right", rotation_mode="anchor")
+    _legend_right(ax)
+    low = df.loc[df["value"].idxmin()]
+    high = df.loc[df["value"].idxmax()]
+    reading = (f"Lowest: {low['cell']} ({low['where']}) at {si(low['value'], 'J')}/token; highest: {high['cell']} "
+               f"({high['where']}) at {si(high['value'], 'J')}/token, {high['value'] / low['value']:.1f}x more")
+    if why:
+        reading += f"; {int(len(why))} kind(s) of cell had no reading ({why[0]})"
+    fig.tight_layout()
+    return Chart(name, title, fig, reading + ".")
+
+
+# --- 7: stability --------------------------------------------------------------------------------
+
+
+@_styled
+def stability_state_norm(run: RunData) -> Chart | Omitted:
+    name, title = "stability_state_norm", "State norm per loop and stability proxy"
+    s = frames.state_norm_frame(run)
+    if s.empty:
+        return Omitted(name, title, "no looped train cell recorded per-loop state norms (dense models have none)")
+    many_lrs = s["lr"].nunique() > 1
+    s = s.assign(series=[_series_label(m, lr, many_lrs) for m, lr in zip(s["model"], s["lr"], strict=True)])
+    # One colour per model; with an lr sweep one colour per lr (as in the loss curves), a marker per model.
+    model_colors, lrs = _model_colors(run), sorted(s["lr"].dropna().unique())
+    lr_colors = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
+    markers = dict(zip(sorted(s["model"].unique()), "oDs^vP*X" * 4, strict=False))
+
+    def color_of(g: pd.DataFrame) -> tuple:
+        return lr_colors[g["lr"].iloc[0]] if many_lrs else model_colors.get(g["model"].iloc[0], "C0")
+
+    series = list(dict.fromkeys(s.sort_values(["family", "model", "lr"])["series"]))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(8.4, 4.2), dpi=110, gridspec_kw={"width_ratios": [2, 1]})
+    texts = []
+    for label in series:
+        g = s[s["series"] == label].sort_values("loop")
+        ax.plot(g["loop"], g["value"], marker=markers[g["model"].iloc[0]], ms=4, color=color_of(g), label=label)
+        growth = g["value"].iloc[-1] / g["value"].iloc[0]
+        text = f"{label} {g['value'].iloc[0]:.3g} to {g['value'].iloc[-1]:.3g} over {len(g)} loops ({growth:.2f}x)"
+        proxy, proxy_name = g["proxy"].iloc[0], g["proxy_name"].iloc[0]
+        if np.isfinite(proxy):
+            text += f", {_proxy_symbol(proxy_name)} = {proxy:.3g}" + (" >= 1" if proxy >= 1 else " < 1")
+        texts.append(text)
+    _log_if_wide(ax, "y", s["value"])
+    ax.set_xlabel("loop iteration (held-out batch, at the training mean loops)")
+    ax.set_ylabel("state norm ||h|| (mean over tokens)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    proxies = s.drop_duplicates("series").set_index("series").reindex(series)
+    proxies = proxies[np.isfinite(proxies["proxy"])]
+    if proxies.empty:
+        bx.set_axis_off()
+        bx.text(0.5, 0.5, "no stability proxy\nrecorded", ha="center", va="center", fontsize=8, color="grey")
+    else:
+        y = np.arange(len(proxies))
+        bx.barh(y, proxies["proxy"], height=0.6 if len(proxies) > 1 else 0.4,
+                color=[color_of(s[s["series"] == lbl]) for lbl in proxies.index])
+        bx.set_yticks(y, [f"{lbl}\n{_proxy_symbol(n)}" for lbl, n in zip(proxies.index, proxies["proxy_name"],
+                                                                            strict=True)], fontsize=6.5)
+        bx.invert_yaxis()
+        bx.axvline(1.0, color="red", ls="--", lw=1)
+        bx.set_xlim(0, max(1.2, float(proxies["proxy"].max()) * 1.15))
+        bx.set_xlabel("linear state gain (red: 1, growth above)")
+        for yi, v in zip(y, proxies["proxy"], strict=True):
+            bx.text(v, yi, f" {v:.2f}", va="center", fontsize=6.5)
+    _legend_below(fig, [ax])
+    return Chart(name, title, fig, _state_reading(s, texts))
+
+
+def _state_reading(s: pd.DataFrame, texts: list[str]) -> str:
+    if len(texts) <= 4:
+        return "; ".join(texts) + "."
+    growth = s.sort_values("loop").groupby("series")["value"].agg(lambda v: v.iloc[-1] / v.iloc[0])
+    proxy = s.drop_duplicates("series").set_index("series")["proxy"]
+    above = proxy[proxy >= 1]
+    text = (f"{len(texts)} train cells: state norm grows at most {growth.max():.2f}x over the loops "
+            f"({growth.idxmax()}) and least {growth.min():.2f}x ({growth.idxmin()})")
+    text += (f"; linear state gain >= 1 in {len(above)}: {', '.join(above.index)}" if not above.empty
+             else "; every recorded linear state gain is below 1")
+    return text + "."
+
+
+def _proxy_symbol(proxy_name: str) -> str:
+    return {"spectral_radius": "rho(A_bar)", "adapter_spectral_norm": "||W_h||_2 (adapter)"}.get(proxy_name,
+                                                                                                 proxy_name)
+
+
+@_styled
+def train_loss(run: RunData) -> Chart | Omitted:
+    name, title = "train_loss", "Training loss"
+    c = frames.loss_curves(run)
+    if c.empty:
+        return Omitted(name, title, _why_no(run, ("train",), "loss curves come from train cells"))
+    # A rolling median shows the trend through step noise; spikes still show as bumps.
+    c = c.assign(smoothed=c.groupby("cell_id")["value"].transform(
+        lambda v: v.rolling(9, min_periods=1, center=True).median()))
+    lrs = sorted(c["lr"].dropna().unique())
+    colors = _model_colors(run)
+    # The y range of the finished curves; a diverging curve is cut at its top, not allowed to squash them.
+    finite = c[np.isfinite(c["smoothed"])]
+    ref = finite[finite["status"] == "ok"] if (finite["status"] == "ok").any() else finite
+    top = float(ref["smoothed"].max()) * 1.05 if not ref.empty else None
+    bottom = float(finite["smoothed"].min()) * 0.95 if not finite.empty else None
+    if len(lrs) <= 1:
+        fig, ax = plt.subplots(figsize=(6.6, 4.2), dpi=110)
+        for model, g in c.groupby("model", sort=True):
+            ax.plot(g["index"], g["smoothed"], color=colors.get(model, "C0"), lw=1.2, label=model)
+            _mark_unfinished(ax, g, top)
+        axes = [ax]
+        _legend_right(ax)
+        ax.set_ylabel("train loss (nats/token; rolling median of 9 steps)")
+    else:
+        models = sorted(c["model"].unique(), key=lambda m: (family_rank(c.loc[c["model"] == m, "family"].iloc[0]), m))
+        ncols = min(3, len(models))
+        nrows = math.ceil(len(models) / ncols)
+        fig, grid = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 0.6, 3.0 * nrows + 0.4), dpi=110,
+                                 squeeze=False, sharey=True)
+        palette = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
+        axes = list(grid.flat)
+        for ax, model in zip(axes, models, strict=False):
+            for lr, g in c[c["model"] == model].groupby("lr"):
+                ax.plot(g["index"], g["smoothed"], color=palette[lr], lw=1.1, label=f"lr={lr:g}")
+                _mark_unfinished(ax, g, top)
+            ax.set_title(model, fontsize=9)
+        for ax in axes[len(models):]:
+            ax.set_axis_off()
+        axes = axes[: len(models)]
+        axes[0].legend(fontsize=6.5, framealpha=0.9)
+        for ax in grid[:, 0]:
+            ax.set_ylabel("train loss (rolling median 9)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        if top is not None and bottom is not None and top > bottom:
+            ax.set_ylim(bottom, top)
+    fig.tight_layout()
+    return Chart(name, title, fig, _loss_reading(run, c, len(lrs) > 1, top))
+
+
+def _mark_unfinished(ax: plt.Axes, g: pd.DataFrame, top: float | None) -> None:
+    """A red x where a curve stopped early (diverged, timed out), kept inside the plotted range."""
+    if g.empty or (g["status"] == "ok").all():
+        return
+    last = g[np.isfinite(g["smoothed"])].iloc[-1] if np.isfinite(g["smoothed"]).any() else g.iloc[-1]
+    y = last["smoothed"] if np.isfinite(last["smoothed"]) else (top or 0.0)
+    ax.scatter([last["index"]], [min(y, top) if top else y], marker="x", s=50, color="red", zorder=4,
+               linewidths=1.5)
+
+
+def _loss_reading(run: RunData, c: pd.DataFrame, many_lrs: bool, top: float | None) -> str:
+    final = c.groupby("cell_id").agg(model=("model", "first"), lr=("lr", "first"), status=("status", "first"),
+                                     steps=("index", "max"),
+                                     loss=("value", lambda v: float(np.mean(v.to_numpy()[-max(len(v) // 10, 1):]))))
+    ok = final[final["status"] == "ok"].sort_values("loss")
+    bad = final[final["status"] != "ok"]
+    parts = []
+    if not ok.empty:
+        best = ok.drop_duplicates("model") if many_lrs else ok  # with an lr sweep: each model's best lr
+        parts.append(("best " if many_lrs else "") + "final train loss (mean of the last 10% of steps): " +
+                     ", ".join(f"{_series_label(r['model'], r['lr'], many_lrs)} {r['loss']:.3f}"
+                               for _, r in best.iterrows()))
+    if not bad.empty:
+        parts.append("marked x, not finished: " + ", ".join(
+            f"{_series_label(r['model'], r['lr'], many_lrs)} ({r['status']} after {int(r['steps']) + 1} steps)"
+            for _, r in bad.iterrows()))
+    if top is not None and (c["smoothed"] > top).any():
+        parts.append(f"values above {top:.2f} are cut off")
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "."
+
+
+@_styled
+def stability_grid(run: RunData) -> Chart | Omitted:
+    name, title = "stability_grid", "Converged or diverged, per model and learning rate"
+    st = frames.stability_frame(run)
+    if st.empty:
+        return Omitted(name, title, _why_no(run, ("train",), "the grid is made of train cells"))
+    lrs = sorted(st["lr"].dropna().unique())
+    if len(lrs) < 2:
+        only = f" (lr={lrs[0]:g})" if lrs else ""
+        return Omitted(name, title, f"only one learning rate was trained{only}; the grid needs an lr sweep")
+    models = list(dict.fromkeys(st.sort_values(["family", "model"], key=lambda s: s.map(family_rank)
+                                               if s.name == "family" else s)["model"]))
+    loss = st.pivot_table(index="model", columns="lr", values="train_loss", aggfunc="first").reindex(
+        index=models, columns=lrs)
+    ok_loss = loss.where(st.pivot_table(index="model", columns="lr", values="status", aggfunc="first")
+                         .reindex(index=models, columns=lrs) == "ok")
+    fig, ax = plt.subplots(figsize=(1.3 * len(lrs) + 2.6, 0.55 * len(models) + 1.6), dpi=110)
+    sns.heatmap(ok_loss, ax=ax, cmap="crest", annot=False, cbar_kws={"label": "final train loss (converged)"},
+                linewidths=1, linecolor="white")
+    for i, model in enumerate(models):
+        for j, lr in enumerate(lrs):
+            row = st[(st["model"] == model) & (st["lr"] == lr)]
+            if row.empty:
+                text, color = "not run", "grey"
+            else:
+                r = row.iloc[0]
+                if r["status"] == "ok":
+                    text, color = f"{r['train_loss']:.3f}", "white"
+                else:
+                    step = "" if pd.isna(r["diverged_step"]) else f"\nstep {int(r['diverged_step'])}"
+                    text, color = f"{r['status']}{step}", "white"
+                    face = "#c0392b" if r["status"] == "diverged" else "#7f8c8d"
+                    ax.add_patch(Rectangle((j, i), 1, 1, color=face, ec="white", lw=1))
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(np.arange(len(lrs)) + 0.5, [f"{lr:g}" for lr in lrs])
+    ax.set_yticks(np.arange(len(models)) + 0.5, models, rotation=0)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("")
+    fig.tight_layout()
+    return Chart(name, title, fig, _grid_reading(st, models))
+
+
+def _grid_reading(st: pd.DataFrame, models: list[str]) -> str:
+    parts = []
+    for model in models:
+        g = st[st["model"] == model]
+        div = sorted(g.loc[g["status"] == "diverged", "lr"])
+        ok = g[g["status"] == "ok"]
+        other = g[~g["status"].isin(("ok", "diverged"))]
+        text = f"{model}: {len(ok)} of {len(g)} converged"
+        if div:
+            text += f", diverged at lr {', '.join(f'{x:g}' for x in div)}"
+        if not other.empty:
+            text += f", {len(other)} did not finish ({', '.join(sorted(set(other['status'])))})"
+        if not ok.empty:
+            best = ok.loc[ok["train_loss"].idxmin()]
+            text += f", best loss {best['train_loss']:.3f} at lr {best['lr']:g}"
+        parts.append(text)
+    return "; ".join(parts) + "."
+
+
+# --- 8: MFU --------------------------------------------------------------------------------------
+
+
+@_styled
+def mfu(run: RunData) -> Chart | Omitted:
+    name, title = "mfu", "Model FLOPs utilisation against the calibrated peak"
+    m = frames.mfu_frame(run)
+    if m.empty:
+        rows = run.results[run.results["metric"] == "mfu"]
+        why = ("MFU could not be computed: " + "; ".join(sorted(set(rows["source"].astype(str)))) if not rows.empty
+               else _why_no(run, ("train", "prefill"), "MFU comes from train and prefill cells"))
+        return Omitted(name, title, why)
+    m = m.sort_values("value", ascending=False)
+    labels = m["label"].fillna(m["cell_id"]).astype(str)
+    fig, ax = plt.subplots(figsize=(7.4, 0.32 * len(m) + 1.5), dpi=110)
+    workloads = sorted(m["workload"].unique())
+    palette = dict(zip(workloads, sns.color_palette("Set2", len(workloads)), strict=True))
+    y = np.arange(len(m))
+    ax.barh(y, m["value"] * 100, color=[palette[w] for w in m["workload"]])
+    ax.set_yticks(y, labels, fontsize=6.5)
+    ax.set_ylim(len(m) - 0.5, -0.5)
+    for yi, v in zip(y, m["value"], strict=True):
+        ax.text(v * 100, yi, f" {v * 100:.2g}%", va="center", fontsize=6.5)
+    ax.set_xlim(0, float(m["value"].max()) * 100 * 1.18)
+    ax.xaxis.set_major_formatter(PercentFormatter(decimals=0 if m["value"].max() > 0.05 else 1))
+    peak = run.calibrated_peak("float32")
+    ax.set_xlabel(f"analytic model FLOP/s / calibrated GEMM peak (fp32: {si(peak, 'FLOP/s')})")
+    handles = [Rectangle((0, 0), 1, 1, color=palette[w]) for w in workloads]
+    ax.legend(handles, workloads, fontsize=7, loc="lower right", framealpha=0.9)
+    hi, lo = m.iloc[0], m.iloc[-1]
+    reading = (f"Highest: {hi['label']} at {hi['value'] * 100:.3g}% of the calibrated peak; lowest: {lo['label']} "
+               f"at {lo['value'] * 100:.3g}%")
+    fig.tight_layout()
+    return Chart(name, title, fig, reading + ".")
+
+
+# --- 9: numba vs torch ---------------------------------------------------------------------------
+
+
+@_styled
+def numba_vs_torch(run: RunData) -> Chart | Omitted:
+    name, title = "numba_vs_torch", "Numba time / torch time, per op and per model"
+    r = frames.numba_ratio_frame(run)
+    if r.empty:
+        return Omitted(name, title, "no kernels-workload ratios and no prefill/decode cells measured with both the "
+                                    "numba and a torch backend on the same model and shape")
+    r = r.sort_values(["kind", "name", "baseline"], key=lambda s: s.map({"op": 0, "model": 1}) if s.name == "kind"
+                      else s)
+    r = r.assign(item=[f"{k}: {n}" for k, n in zip(r["kind"], r["name"], strict=True)])
+    items = list(dict.fromkeys(r["item"]))
+    baselines = sorted(r["baseline"].unique())
+    fig, ax = plt.subplots(figsize=(7.0, 0.36 * len(items) * len(baselines) + 1.6), dpi=110)
+    height = 0.8 / len(baselines)
+    for b, baseline in enumerate(baselines):
+        sub = r[r["baseline"] == baseline].set_index("item").reindex(items)
+        y = np.arange(len(items)) + (b - (len(baselines) - 1) / 2) * height
+        colors = ["#2e8b57" if v < 1 else "#c0392b" for v in sub["ratio"].fillna(1)]
+        ax.barh(y, sub["ratio"] - 1, left=1, height=height * 0.9, color=colors, alpha=0.6 + 0.4 * (b == 0),
+                hatch="" if b == 0 else "//", label=f"vs {baseline}")
+        for yi, v in zip(y, sub["ratio"], strict=True):
+            if np.isfinite(v):
+                ax.text(v, yi, f" {v:.2g}x" if v >= 1 else f"{v:.2g}x ", va="center", fontsize=6.5,
+                        ha="left" if v >= 1 else "right")
+    ax.set_xscale("log", base=2)
+    # Room for the value labels on both sides of 1, but no empty half when every ratio is on one side.
+    ax.set_xlim(min(0.5, float(r["ratio"].min()) / 2.5), max(2.0, float(r["ratio"].max()) * 2.5))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.2g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_yticks(np.arange(len(items)), items, fontsize=7)
+    ax.set_ylim(len(items) - 0.5, -0.5)
+    ax.set_xlabel("numba time / torch time (green, left of 1: numba faster)")
+    if len(baselines) > 1:
+        ax.legend(fontsize=7, framealpha=0.9)
+    fig.tight_layout()
+    return Chart(name, title, fig, _ratio_reading(r))
+
+
+def _ratio_reading(r: pd.DataFrame) -> str:
+    parts = []
+    for (kind, baseline), g in r.groupby(["kind", "baseline"], sort=False):
+        faster = int((g["ratio"] < 1).sum())
+        best, worst = g.loc[g["ratio"].idxmin()], g.loc[g["ratio"].idxmax()]
+        noun = "ops" if kind == "op" else "model cells"
+        text = (f"vs {baseline}, numba is faster on {faster} of {len(g)} {noun} (best {best['name']} "
+                f"{best['ratio']:.2g}x the time")
+        text += f", worst {worst['name']} {worst['ratio']:.2g}x)" if len(g) > 1 else ")"
+        parts.append(text)
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "."
+
+
+CHARTS: tuple[ChartFn, ...] = (
+    bpb_vs_params, bpb_vs_train_flops, bpb_vs_loops, throughput_vs_depth, memory_vs_context, energy_per_token,
+    stability_state_norm, train_loss, stability_grid, mfu, numba_vs_torch,
 )

@@ -17,11 +17,11 @@ import pandas as pd
 from loopscope.bench.errors import LoopscopeError
 
 DENSE_FAMILY = "gpt"
-# Kernels-workload metrics that already are a ratio numba / torch of times (or the inverse).
-TIME_RATIO_METRICS: tuple[str, ...] = ("time_ratio_vs_torch", "time_ratio_vs_torch_compile")
-SPEEDUP_METRICS: tuple[str, ...] = ("speedup_vs_torch", "speedup_vs_torch_compile")
-# Kernels-workload metrics of one backend's time per call, to pair numba with torch ourselves.
-TIME_METRICS: tuple[str, ...] = ("time_ms", "latency_ms", "time_s", "time_us")
+FAMILY_ORDER: tuple[str, ...] = ("gpt", "parcae", "rdm", "looped", "ut")
+# The kernels workload (kernels/bench.py) writes one `time_ms` row per (kind, name, shape, backend), timed
+# round-robin in one process; kinds "op", "model" (prefill) and "decode" are numba-vs-torch comparisons.
+KERNEL_KINDS: tuple[str, ...] = ("op", "model", "decode")
+TORCH_BASELINES: dict[str, str] = {"torch": "torch", "torch.compile": "torch-compile", "torch-compile": "torch-compile"}
 
 CELL_COLUMNS: tuple[str, ...] = (
     "cell_id", "label", "status", "reason", "model", "family", "workload", "backend", "device", "dtype",
@@ -139,6 +139,11 @@ def _cell_frame(run: RunData) -> pd.DataFrame:
     return out
 
 
+def family_rank(family: str) -> int:
+    """Dense first, then the looped families in a fixed order (tables and legends read the same way)."""
+    return FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+
+
 def _with_cell_axes(df: pd.DataFrame, run: RunData, columns: tuple[str, ...] = ("lr", "depends_on", "label")
                     ) -> pd.DataFrame:
     """Add per-cell axes that the tidy rows do not carry (lr, depends_on, label)."""
@@ -160,6 +165,9 @@ def quality_frame(run: RunData) -> pd.DataFrame:
     std = run.metric("bpb_std").set_index("cell_id")["value"]
     out = _with_cell_axes(bpb, run)
     out["bpb_std"] = out["cell_id"].map(std)
+    # A looped model evaluated without loops_test ran its training mean loops (mu_rec).
+    default = (out["family"] != DENSE_FAMILY) & out["loops_test"].isna()
+    out["loops_test"] = out["loops_test"].astype(float).where(~default, out["loops_train"].astype(float))
     return out
 
 
@@ -242,6 +250,8 @@ def memory_frame(run: RunData) -> pd.DataFrame:
     if weights.empty:
         return weights
     weights = weights[weights["workload"] == "decode"]
+    if weights.empty:
+        return weights
     kv = run.metric("kv_cache_bytes", stat=("measured", "analytic"))
     out = weights[["cell_id", "model", "family", "backend", "device", "dtype", "batch", "seq_len",
                    "loops_test", "loops_train", "kv_policy", "value"]].rename(columns={"value": "weights_bytes"})
@@ -275,15 +285,24 @@ def mfu_frame(run: RunData) -> pd.DataFrame:
 # --- stability -----------------------------------------------------------------------------------
 
 
+# Linear gain of the state update, > 1 can blow the state up: Parcae's rho(A_bar) (< 1 by construction),
+# the RDM concat adapter's spectral norm on its state half.
+STABILITY_PROXIES: tuple[str, ...] = ("spectral_radius", "adapter_spectral_norm")
+
+
 def state_norm_frame(run: RunData) -> pd.DataFrame:
-    """state_norm per loop iteration (stat "loopN" -> loop N) of train cells, with lr and spectral radius."""
+    """state_norm per loop iteration (stat "loopN" -> loop N) of train cells, with lr and the cell's
+    stability proxy (`proxy`, named in `proxy_name`: spectral_radius or adapter_spectral_norm)."""
     s = run.results[(run.results["metric"] == "state_norm") & (run.results["status"] == "ok")]
     if s.empty:
         return s
     s = s[s["stat"].str.fullmatch(r"loop\d+")]
     s = _with_cell_axes(s, run).assign(loop=s["stat"].str[4:].astype(int))
-    rho = run.metric("spectral_radius").set_index("cell_id")["value"]
-    s["spectral_radius"] = s["cell_id"].map(rho)
+    proxies = {name: run.metric(name).set_index("cell_id")["value"].to_dict() for name in STABILITY_PROXIES}
+    found = [next(((n, float(v[cid])) for n, v in proxies.items() if np.isfinite(v.get(cid, np.nan))), ("", np.nan))
+             for cid in s["cell_id"]]
+    s["proxy_name"] = [n for n, _ in found]  # the first proxy a cell has wins
+    s["proxy"] = [v for _, v in found]
     return s.sort_values(["model", "lr", "loop"])
 
 
@@ -296,12 +315,14 @@ def stability_frame(run: RunData) -> pd.DataFrame:
                                      "train_loss", "loss_spikes", "spectral_radius", "reason"])
     res = run.results
     by_metric = {m: res[res["metric"] == m].drop_duplicates("cell_id").set_index("cell_id")["value"]
-                 for m in ("diverged_step", "train_loss", "loss_spikes", "spectral_radius")}
+                 for m in ("diverged_step", "train_loss", "loss_spikes", "spectral_radius",
+                           "adapter_spectral_norm")}
     out = train[["cell_id", "family", "model", "lr", "status", "reason"]].copy()
     for m, values in by_metric.items():
         out[m] = out["cell_id"].map(values)
     out["outcome"] = out["status"].map({"ok": "converged", "diverged": "diverged"}).fillna(out["status"])
-    return out.sort_values(["family", "model", "lr"]).reset_index(drop=True)
+    out["_rank"] = out["family"].map(family_rank)
+    return out.sort_values(["_rank", "model", "lr"]).drop(columns="_rank").reset_index(drop=True)
 
 
 def loss_curves(run: RunData) -> pd.DataFrame:
@@ -333,34 +354,26 @@ def numba_ratio_frame(run: RunData) -> pd.DataFrame:
     return out[np.isfinite(out["ratio"]) & (out["ratio"] > 0)].reset_index(drop=True)
 
 
-def _row_name(row: pd.Series) -> str:
-    for col in ("op", "name", "stat"):
-        value = row.get(col)
-        if isinstance(value, str) and value:
-            return value
-    return str(row.get("model", ""))
-
-
 def _kernel_ratios(run: RunData) -> pd.DataFrame:
-    k = run.results[(run.results["workload"] == "kernels") & (run.results["status"] == "ok")]
-    if k.empty:
+    """numba variant time / torch time of each benchmark of the kernels workload, same shape, same rounds."""
+    res = run.results
+    k = res[(res["workload"] == "kernels") & (res["status"] == "ok") & (res["metric"] == "time_ms")]
+    if k.empty or "name" not in k.columns:
         return pd.DataFrame()
+    k = k.assign(kind=k["kind"] if "kind" in k.columns else "op", shape=k["shape"] if "shape" in k.columns else "")
+    k = k[k["kind"].isin(KERNEL_KINDS)]
     rows = []
-    for _, r in k[k["metric"].isin(TIME_RATIO_METRICS + SPEEDUP_METRICS)].iterrows():
-        baseline = "torch-compile" if r["metric"].endswith("torch_compile") else "torch"
-        ratio = r["value"] if r["metric"] in TIME_RATIO_METRICS else 1.0 / r["value"]
-        rows.append({"kind": "op", "name": _row_name(r), "baseline": baseline, "ratio": ratio,
-                     "source": f"kernels workload ({r['metric']})"})
-    if not rows:  # no ratio rows: pair per-backend times of the same op ourselves
-        times = k[k["metric"].isin(TIME_METRICS)].copy()
-        if not times.empty:
-            times["name"] = [_row_name(r) for _, r in times.iterrows()]
-            table = times.drop_duplicates(["name", "backend"]).pivot(index="name", columns="backend", values="value")
-            for baseline in ("torch", "torch-compile"):
-                if "numba" in table and baseline in table:
-                    for name, r in table.iterrows():
-                        rows.append({"kind": "op", "name": name, "baseline": baseline,
-                                     "ratio": r["numba"] / r[baseline], "source": "kernels workload (times)"})
+    for (kind, name, _shape), g in k.groupby(["kind", "name", "shape"], dropna=False, sort=False):
+        times = g.drop_duplicates("backend").set_index("backend")["value"]
+        numba = [b for b in times.index if str(b).startswith("numba")]
+        for base_name, baseline in TORCH_BASELINES.items():
+            if base_name not in times.index:
+                continue
+            for backend in numba:
+                label = str(name) if backend == "numba" else f"{name} [{backend}]"
+                rows.append({"kind": "op" if kind == "op" else "model", "name": label, "baseline": baseline,
+                             "ratio": times[backend] / times[base_name],
+                             "source": "kernels workload (median times, timed round-robin)"})
     return pd.DataFrame(rows)
 
 
@@ -371,7 +384,7 @@ def _engine_ratios(run: RunData) -> pd.DataFrame:
         return pd.DataFrame()
     tps = tps[tps["workload"].isin(("prefill", "decode"))]
     keys = ["workload", "model", "device", "dtype", "batch", "seq_len", "loops_test", "kv_policy"]
-    key = tps[keys].astype(str).agg("|".join, axis=1)
+    key = ["|".join(str(v) for v in row) for row in tps[keys].itertuples(index=False)]
     tps = tps.assign(_key=key)
     numba = tps[tps["backend"] == "numba"].set_index("_key")
     rows = []
@@ -404,6 +417,7 @@ class ModelFacts:
     config: Any
     seq_len: int   # the training (or first) sequence length, for FLOPs/token
     context: int   # the context for iso-memory: the run's decode context, else seq_len
+    dtype_bytes: int = 4
 
     def key(self, kind: str) -> float:
         from loopscope.models import flops_per_token, memory_bytes, param_counts
@@ -413,7 +427,7 @@ class ModelFacts:
         if kind == "iso-FLOP":
             return flops_per_token(self.config, self.seq_len, mode="train")
         if kind == "iso-memory":
-            return float(memory_bytes(self.config, self.context))
+            return float(memory_bytes(self.config, self.context, dtype_bytes=self.dtype_bytes))
         raise ValueError(f"unknown match kind {kind!r}; known: {', '.join(MATCH_KINDS)}")
 
 
@@ -432,7 +446,8 @@ def model_facts(run: RunData) -> list[ModelFacts]:
             continue
         seq_len = int(first["seq_len"])
         context = int(decode.max()) if not decode.empty else seq_len
-        facts.append(ModelFacts(str(model), cfg.family, cfg, seq_len, context))
+        dtype_bytes = {"bfloat16": 2, "float16": 2}.get(str(first["dtype"]), 4)
+        facts.append(ModelFacts(str(model), cfg.family, cfg, seq_len, context, dtype_bytes))
     return facts
 
 

@@ -1,4 +1,9 @@
-"""Write report.md, a self-contained report.html and charts/*.png|svg for a run directory."""
+"""Write report.md, a self-contained report.html and charts/*.png|svg for a run directory.
+
+The HTML inlines every chart as an SVG data URI and loads nothing from the network. The Markdown
+holds the same content for pull-request comments, with images linked as charts/<name>.png.
+Every string that comes from a profile, a manifest or a cell record is escaped for its target.
+"""
 
 from __future__ import annotations
 
@@ -6,117 +11,309 @@ import base64
 import html
 import io
 import math
+import re
+import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 
 from loopscope.bench.store import atomic_write_text
-from loopscope.reports.charts import CHARTS, Chart, Omitted
+from loopscope.reports.charts import CHARTS, Chart, Omitted, human_bytes, si
 from loopscope.reports.frames import RunData, load_run
-from loopscope.reports.tables import failed_table, quality_table, summary_table, throughput_table
+from loopscope.reports.tables import TABLES
 
-TABLES = (("Summary per model", summary_table), ("Quality (held-out bits per byte)", quality_table),
-          ("Throughput and latency", throughput_table), ("Cells that did not finish", failed_table))
+PNG_DPI = 110
 
 
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if abs(value) >= 1e5 or (value != 0 and abs(value) < 1e-3):
-            return f"{value:.3g}"
-        return f"{value:,.4g}"
+# --- escaping and number formatting --------------------------------------------------------------
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+
+
+def md_escape(text: object) -> str:
+    """Plain text for Markdown: one line, HTML special characters as entities, and no emphasis,
+    code, links or table-cell breaks (backslash-escaped)."""
+    flat = " ".join(str(text).split())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(flat, quote=False))
+
+
+def html_escape(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def fmt(value: Any, column: str = "") -> str:
+    """A table cell as text: bytes humanised, FLOPs in SI, ints with separators, floats to 4 digits."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)) and not ("bytes" in column or "memory" in column):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if "bytes" in column or "memory" in column:
+            return human_bytes(v)
+        if "FLOP" in column:
+            return si(v)
+        if column == "lr":
+            return f"{v:g}"
+        if (v.is_integer() or abs(v) >= 1000) and abs(v) < 1e15:
+            return f"{v:,.0f}"
+        if v != 0 and abs(v) < 1e-3:
+            return f"{v:.3g}"
+        return f"{v:.4g}"
     return str(value)
 
 
-def _md_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "_none_\n"
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]).replace("|", "\\|") for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+# --- header ---------------------------------------------------------------------------------------
 
 
-def _html_table(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "<p><em>none</em></p>"
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>"
-                   for row in df.itertuples(index=False))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _header(run: RunData) -> list[tuple[str, str]]:
+def header_items(run: RunData) -> list[tuple[str, str]]:
+    """(label, text) pairs describing the run and the machine, from the manifest's fingerprint."""
     m = run.manifest
-    fp = m.get("fingerprint", {})
-    cal = m.get("calibration", {})
+    fp = m.get("fingerprint") or {}
+    profile = m.get("profile") or {}
+    description = (profile.get("settings") or {}).get("profile", {}).get("description", "")
+    cells = run.cell_frame()
+    ok = int((cells["status"] == "ok").sum()) if not cells.empty else 0
     items = [
-        ("run", m.get("run_id", "")),
-        ("profile", f"{m.get('profile', {}).get('name', '')} ({m.get('profile', {}).get('hash', '')})"),
-        ("device class", fp.get("device_class", "")),
-        ("cpu", f"{fp.get('cpu', {}).get('model', '')} × {fp.get('cpu', {}).get('logical_cores', '')}"
-         if isinstance(fp.get("cpu"), dict) else str(fp.get("cpu", ""))),
-        ("gpu", str(fp.get("gpu", {}).get("name", "none")) if isinstance(fp.get("gpu"), dict) else "none"),
-        ("corpus", f"{m.get('corpus', {}).get('name', '')}, held-out sha256 "
-         f"{m.get('corpus', {}).get('val_sha256', '')[:16]}"),
-        ("calibrated fp32 GEMM", f"{cal.get('gemm_fp32_flops', float('nan')) / 1e9:.1f} GFLOP/s"),
-        ("calibrated bandwidth", f"{cal.get('mem_bw_bytes_per_s', float('nan')) / 1e9:.1f} GB/s"),
-        ("git", str(m.get("git", {}))),
+        ("run", f"{m.get('run_id', run.run_dir.name)} (created {m.get('created', '?')}, "
+                f"updated {m.get('updated', m.get('created', '?'))})"),
+        ("profile", f"{profile.get('name', '?')} ({profile.get('hash', '?')})" + (f": {description}" if description
+                                                                                     else "")),
+        ("cells", f"{ok} ok of {len(cells)}"),
+        ("device class", f"{fp.get('device_class', '?')}" + (f" ({fp['device_class_reason']})"
+                                                             if fp.get("device_class_reason") else "")),
+        ("cpu", _cpu_text(fp.get("cpu"))),
+        ("gpu", _gpu_text(fp.get("gpus", fp.get("gpu")))),
+        ("memory", human_bytes(float(fp.get("memory", {}).get("total_bytes", math.nan)))
+         if isinstance(fp.get("memory"), dict) else "?"),
+        ("versions", _versions_text(m.get("versions") or fp.get("versions") or {})),
+        ("threads", _threads_text(fp.get("threads"))),
+        ("calibration", _calibration_text(m.get("calibration") or {})),
+        ("corpus", _corpus_text(m.get("corpus") or {})),
+        ("git", _git_text(m.get("git") or fp.get("git"))),
     ]
-    return items
+    return [(k, v) for k, v in items if v]
 
 
-def write_report(run_dir: Path) -> dict[str, Path]:
-    run = load_run(Path(run_dir))
-    charts_dir = run.run_dir / "charts"
+def _cpu_text(cpu: Any) -> str:
+    if not isinstance(cpu, dict):
+        return str(cpu or "?")
+    cores = cpu.get("logical_cores", cpu.get("cores", "?"))
+    isa = ", ".join(cpu.get("isa") or [])
+    return f"{cpu.get('model', '?')}, {cores} logical cores" + (f" ({isa})" if isa else "")
+
+
+def _gpu_text(gpus: Any) -> str:
+    if not isinstance(gpus, dict):
+        return "none"
+    devices = gpus.get("devices") or []
+    if not devices:
+        return f"none ({gpus['reason']})" if gpus.get("reason") else "none"
+    names = "; ".join(f"{d.get('name', '?')} ({human_bytes(float(d.get('memory_total_bytes') or math.nan))})"
+                      for d in devices)
+    driver = gpus.get("driver_version")
+    return names + (f", driver {driver}" if driver else "")
+
+
+def _versions_text(versions: dict) -> str:
+    first = [k for k in ("python", "torch", "numba", "numpy") if k in versions]
+    keys = first + sorted(k for k in versions if k not in first)
+    return ", ".join(f"{k} {versions[k]}" for k in keys if versions[k])
+
+
+def _threads_text(threads: Any) -> str:
+    if not isinstance(threads, dict):
+        return ""
+    parts = [f"torch {threads.get('torch_num_threads', '?')}"]
+    for pool in threads.get("blas_pools") or []:
+        user, internal = pool.get("user_api", "?"), pool.get("internal_api", "?")
+        parts.append(f"{user if user == internal else f'{user} ({internal})'} {pool.get('num_threads', '?')}")
+    return ", ".join(dict.fromkeys(parts))
+
+
+def _calibration_text(cal: dict) -> str:
+    if not cal:
+        return "not calibrated (MFU unavailable)"
+    parts = []
+    for key, label in (("gemm_fp32_flops", "fp32 GEMM"), ("gemm_bf16_flops", "bf16 GEMM"),
+                       ("gemm_fp16_flops", "fp16 GEMM")):
+        value = cal.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            parts.append(f"{label} {si(value, 'FLOP/s')}")
+    bw = cal.get("mem_bw_bytes_per_s")
+    if isinstance(bw, (int, float)) and math.isfinite(bw):
+        parts.append(f"memory bandwidth {bw / 1e9:.3g} GB/s")
+    return ", ".join(parts)
+
+
+def _corpus_text(corpus: dict) -> str:
+    if not corpus:
+        return ""
+    return (f"{corpus.get('name', '?')}: {corpus.get('train_bytes', '?')} train / {corpus.get('val_bytes', '?')} "
+            f"held-out bytes, held-out sha256 {str(corpus.get('val_sha256', ''))[:16]}")
+
+
+def _git_text(git: Any) -> str:
+    if not isinstance(git, dict):
+        return "not a git checkout"
+    commit = git.get("commit") or "no commit"
+    return f"{commit[:12]}" + (" (uncommitted changes)" if git.get("dirty") else "")
+
+
+# --- charts ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class DrawnChart:
+    chart: Chart
+    svg: bytes
+
+
+def draw_charts(run: RunData, charts_dir: Path) -> list[DrawnChart | Omitted]:
+    """Every chart, saved as PNG and SVG; a chart that fails to draw becomes an Omitted naming the error."""
     charts_dir.mkdir(exist_ok=True)
-    md: list[str] = [f"# loopscope report: {run.manifest.get('run_id', run.run_dir.name)}\n"]
-    md += [f"- **{k}**: {v}" for k, v in _header(run)]
-    body: list[str] = ["<dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>"
-                                        for k, v in _header(run)) + "</dl>"]
-    md.append("\n## Charts\n")
-    body.append("<h2>Charts</h2>")
+    out: list[DrawnChart | Omitted] = []
     for make in CHARTS:
-        chart = make(run)
-        if isinstance(chart, Omitted):
-            md.append(f"- _{chart.title}: not drawn ({chart.why})._")
-            body.append(f"<p class='omitted'>{html.escape(chart.title)}: not drawn ({html.escape(chart.why)}).</p>")
+        try:
+            chart = make(run)
+        except Exception as err:  # one broken chart must not cost the whole report
+            traceback.print_exc(file=sys.stderr)
+            name = make.__name__
+            out.append(Omitted(name, name.replace("_", " "), f"could not be drawn: {type(err).__name__}: {err}"))
+            plt.close("all")
             continue
-        svg = _save(chart, charts_dir)
-        md.append(f"### {chart.title}\n\n![{chart.title}](charts/{chart.name}.png)\n\n{chart.reading}\n")
-        b64 = base64.b64encode(svg).decode("ascii")
-        body.append(f"<figure><h3>{html.escape(chart.title)}</h3><img alt='{html.escape(chart.title)}' "
-                    f"src='data:image/svg+xml;base64,{b64}'><figcaption>{html.escape(chart.reading)}"
-                    "</figcaption></figure>")
-    for title, make_table in TABLES:
-        df = make_table(run)
-        md.append(f"\n## {title}\n\n{_md_table(df)}")
-        body.append(f"<h2>{html.escape(title)}</h2>{_html_table(df)}")
-    md_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
-    atomic_write_text(md_path, "\n".join(md) + "\n")
-    atomic_write_text(html_path, _page(f"loopscope report: {run.manifest.get('run_id', '')}", "\n".join(body)))
-    return {"md": md_path, "html": html_path}
+        if isinstance(chart, Omitted):
+            out.append(chart)
+            continue
+        out.append(DrawnChart(chart, _save(chart, charts_dir)))
+    return out
 
 
 def _save(chart: Chart, charts_dir: Path) -> bytes:
-    chart.figure.tight_layout()
-    chart.figure.savefig(charts_dir / f"{chart.name}.png")
+    fig = chart.figure
+    fig.savefig(charts_dir / f"{chart.name}.png", dpi=PNG_DPI, bbox_inches="tight")
     buf = io.BytesIO()
-    chart.figure.savefig(buf, format="svg")
-    plt.close(chart.figure)
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
     svg = buf.getvalue()
     (charts_dir / f"{chart.name}.svg").write_bytes(svg)
     return svg
 
 
+# --- the two documents -----------------------------------------------------------------------------
+
+
+def write_report(run_dir: Path) -> dict[str, Path]:
+    run = load_run(Path(run_dir))
+    title = f"loopscope report: {run.manifest.get('run_id', run.run_dir.name)}"
+    header = header_items(run)
+    charts = draw_charts(run, run.run_dir / "charts")
+    tables = [(spec, spec.make(run)) for spec in TABLES]
+    md_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
+    atomic_write_text(md_path, render_markdown(title, header, charts, tables))
+    atomic_write_text(html_path, render_html(title, header, charts, tables))
+    return {"md": md_path, "html": html_path}
+
+
+def _anchor(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def render_markdown(title: str, header: list[tuple[str, str]], charts: list, tables: list) -> str:
+    md = [f"# {md_escape(title)}", ""]
+    md += [f"- **{md_escape(k)}**: {md_escape(v)}" for k, v in header]
+    md += ["", "## Charts", ""]
+    for item in charts:
+        if isinstance(item, Omitted):
+            md.append(f"- _{md_escape(item.title)}: not drawn ({md_escape(item.why)})._")
+            continue
+        c = item.chart
+        md += ["", f"### {md_escape(c.title)}", "", f"![{md_escape(c.title)}](charts/{c.name}.png)", "",
+               md_escape(c.reading), ""]
+    md += ["", "## Tables", ""]
+    for spec, df in tables:
+        md += [f"### {md_escape(spec.title)}", ""]
+        if spec.note:
+            md += [f"_{md_escape(spec.note)}_", ""]
+        md += [_md_table(df), ""]
+    return "\n".join(md).rstrip() + "\n"
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return f"_none: {md_escape(df.attrs.get('why', 'no data'))}_"
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(md_escape(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(md_escape(fmt(v, c)) for v, c in zip(row, cols, strict=True)) + " |")
+    return "\n".join(lines)
+
+
+def render_html(title: str, header: list[tuple[str, str]], charts: list, tables: list) -> str:
+    body = [f"<h1>{html_escape(title)}</h1>", "<dl class='header'>"]
+    body += [f"<dt>{html_escape(k)}</dt><dd>{html_escape(v)}</dd>" for k, v in header]
+    body.append("</dl>")
+    toc = [f"<li><a href='#{_anchor(i.chart.title)}'>{html_escape(i.chart.title)}</a></li>"
+           for i in charts if not isinstance(i, Omitted)]
+    toc += [f"<li><a href='#{_anchor(s.title)}'>{html_escape(s.title)}</a></li>" for s, _ in tables]
+    body.append(f"<nav><h2>Contents</h2><ol>{''.join(toc)}</ol></nav>")
+    body.append("<h2>Charts</h2>")
+    omitted = [i for i in charts if isinstance(i, Omitted)]
+    for item in charts:
+        if isinstance(item, Omitted):
+            continue
+        c = item.chart
+        b64 = base64.b64encode(item.svg).decode("ascii")
+        body.append(f"<figure id='{_anchor(c.title)}'><h3>{html_escape(c.title)}</h3>"
+                    f"<img alt='{html_escape(c.title)}' src='data:image/svg+xml;base64,{b64}'>"
+                    f"<figcaption>{html_escape(c.reading)}</figcaption></figure>")
+    if omitted:
+        body.append("<h3>Not drawn</h3><ul class='omitted'>" + "".join(
+            f"<li>{html_escape(o.title)}: {html_escape(o.why)}.</li>" for o in omitted) + "</ul>")
+    body.append("<h2>Tables</h2>")
+    for spec, df in tables:
+        body.append(f"<section id='{_anchor(spec.title)}'><h3>{html_escape(spec.title)}</h3>")
+        if spec.note:
+            body.append(f"<p class='note'>{html_escape(spec.note)}</p>")
+        body.append(_html_table(df) + "</section>")
+    return _page(title, "\n".join(body))
+
+
+def _html_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return f"<p class='empty'>none: {html_escape(df.attrs.get('why', 'no data'))}</p>"
+    cols = [str(c) for c in df.columns]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) for c in df.columns]
+    head = "".join(f"<th>{html_escape(c)}</th>" for c in cols)
+    rows = []
+    for row in df.itertuples(index=False):
+        cells = "".join(f"<td class='{'num' if n else 'txt'}'>{html_escape(fmt(v, c))}</td>"
+                        for v, c, n in zip(row, cols, numeric, strict=True))
+        rows.append(f"<tr>{cells}</tr>")
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+
+
+_STYLE = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;"
+    "color:#222;line-height:1.4}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}"
+    "dl.header{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px}"
+    "dt{font-weight:600}dd{margin:0}nav ol{columns:2;font-size:14px}"
+    "figure{margin:1.5em 0 2.5em}img{max-width:100%;min-width:min(100%,720px);height:auto}"
+    "figcaption{color:#333;font-size:14px;max-width:900px}.omitted,.empty,.note{color:#666;font-size:14px}"
+    ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12.5px;margin:0.5em 0 1.5em}"
+    "td,th{border:1px solid #ccc;padding:3px 7px}th{background:#f3f3f3;text-align:left}"
+    "td.num{text-align:right;font-variant-numeric:tabular-nums}td.txt{text-align:left}"
+)
+
+
 def _page(title: str, body: str) -> str:
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;"
-             "padding:3px 6px;text-align:right}th{background:#f3f3f3}dl{display:grid;grid-template-columns:"
-             "max-content auto;gap:2px 12px}dt{font-weight:600}figure{margin:2em 0}img{max-width:100%}"
-             "figcaption{color:#444;font-size:14px}.omitted{color:#777;font-style:italic}")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>\n")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html_escape(title)}</title><style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
