@@ -144,4 +144,25 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     if not math.isclose(kv, expected, rel_tol=1e-9):
         result.rows.append(metric_row("kv_accounting_error", (kv - expected) / expected, "fraction",
                                       source="measured vs analytic KV bytes"))
+    if cell.family != "gpt":
+        result.rows += deviation_rows(cell, prompt[:1, : min(prompt_len, 48)])
     return result
+
+
+def deviation_rows(cell: Cell, idx: np.ndarray) -> list[dict]:
+    """How far cached decoding drifts from the full forward under this KV policy (same h0, fp32).
+
+    `per-loop` should be exact (< 1e-5); `last-loop` trades accuracy for a smaller cache, and this
+    measures by how much instead of hiding it.
+    """
+    from loopscope.models import build
+    from loopscope.models.generate import decode_deviation
+
+    model = build(cell.model_config, seed=cell.seed).eval()  # fp32 reference, whatever the cell's dtype
+    with torch.inference_mode():
+        dev = decode_deviation(model, torch.from_numpy(idx), loops=cell.loops_test,
+                               policy=cell.kv_policy or "per-loop", prefill=8, seed=cell.seed)
+    src = f"{cell.kv_policy} decode vs full forward, fp32, {idx.shape[1]} tokens, same h0"
+    return [metric_row("decode_logit_max_abs_dev", dev["max_abs"], "logit", source=src),
+            metric_row("decode_kl_mean", dev["kl_mean"], "nats", source=src),
+            metric_row("decode_argmax_mismatch", dev["argmax_mismatch"], "fraction", source=src)]

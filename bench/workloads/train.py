@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from loopscope.bench.context import RunContext
@@ -138,9 +137,8 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
             group["lr"] = lr_at(step, steps, cell.lr, train["warmup_frac"], train["cooldown_frac"])
         x, y = get_batch(tok.train, offsets[step], cell.seq_len, cell.device)
         stats = {} if (step % stats_every == 0 or step == steps - 1) and cell.family != "gpt" else None
-        with autocast:
-            logits = model(x, stats=stats)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        with autocast:  # the family's own objective: cross-entropy (+ the ACT ponder cost for ut)
+            loss = model.compute_loss(x, y, stats=stats)
         value = float(loss.detach())
         if not math.isfinite(value):
             result.status, result.reason = "diverged", f"non-finite loss ({value}) at step {step}"
@@ -167,8 +165,9 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     partial.unlink(missing_ok=True)
 
     tail = losses[-max(len(losses) // 10, 1):]
-    result.rows.append(metric_row("train_loss", float(np.mean(tail)), "nats/token",
-                                  source=f"mean of the last {len(tail)} steps", n_samples=len(tail)))
+    objective = "cross-entropy + ponder cost" if cell.family == "ut" else "cross-entropy"
+    result.rows.append(metric_row("train_loss", float(np.mean(tail)), "nats/token", n_samples=len(tail),
+                                  source=f"training objective ({objective}), mean of the last {len(tail)} steps"))
     result.rows.append(metric_row("train_tokens", steps * cell.batch * cell.seq_len, "tokens", source="budget"))
     result.rows.append(metric_row("train_steps", steps, "steps", source="budget"))
     result.rows.append(metric_row("loss_spikes", spikes, "count",

@@ -1,0 +1,210 @@
+"""Shared building blocks, nanochat style: pre-RMSNorm, RoPE, QK-norm after RoPE, relu^2 MLP, value
+embeddings, "scaled-zero" init. Every family imports these; none copies them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import CacheKey, KVCache
+from .config import ModelConfig
+
+VE_GATE_CHANNELS = 32  # nanochat: the value-embedding gate reads the first 32 channels of the input
+
+
+def init_std(cfg: ModelConfig) -> float:
+    """The "scaled" init std sqrt(2/(5d)) used by Parcae and Huginn."""
+    return math.sqrt(2.0 / (5.0 * cfg.d_model))
+
+
+def has_value_embed(layer: int, n_layers: int) -> bool:
+    """nanochat rule: alternating layers, the last layer always included."""
+    return layer % 2 == (n_layers - 1) % 2
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in nats over all positions (fp32 softmax)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain, computed in fp32 (eps 1e-5 as in Parcae)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
+        return y.type_as(x)
+
+
+def rope_tables(start: int, length: int, head_dim: int, theta: float,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for positions [start, start+length), shape [length, head_dim/2], fp32."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + hd/2) of x [B, T, H, hd] (the "half-split" layout; checkpoints
+    that pair adjacent channels (2i, 2i+1) are converted at import by permuting q/k rows)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal MHA without biases; QK-norm (parameter-free RMSNorm) after RoPE; optional value embedding
+    added to v through a per-head gate 2*sigmoid(W_g x[..., :32])."""
+
+    def __init__(self, cfg: ModelConfig, with_value_embed: bool) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.v = nn.Linear(d, d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, d), cfg.n_heads, bias=False) if with_value_embed else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                value_embed: torch.Tensor | None = None,
+                kv: tuple[KVCache, CacheKey] | None = None) -> torch.Tensor:
+        B, T, d = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k(x).view(B, T, self.n_heads, self.head_dim)
+        v = self.v(x).view(B, T, self.n_heads, self.head_dim)
+        if self.ve_gate is not None and value_embed is not None:
+            gate = 2.0 * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * value_embed.view(B, T, self.n_heads, self.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        # parameter-free QK-norm with torch's default eps (finfo(dtype).eps), as nanochat and Parcae
+        q = F.rms_norm(q, (self.head_dim,))
+        k = F.rms_norm(k, (self.head_dim,))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            cache, key = kv
+            start = cache.pos
+            k, v = cache.write(key, k, v)
+            if T == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # a chunk after a prefix: query i sees keys up to start+i (SDPA's is_causal is top-left)
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, T, d))
+
+
+class MLP(nn.Module):
+    """relu2: proj(0.5*relu(fc x)^2) (Parcae/nanochat); swiglu: proj(silu(gate x) * up x)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.d_ff is not None  # resolved by ModelConfig
+        self.kind = cfg.mlp
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False) if cfg.mlp == "swiglu" else None
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.up is None:
+            h = 0.5 * F.relu(h).square()
+        else:
+            h = F.silu(h) * self.up(x)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; with `sandwich_norm` Huginn's x = n2(x + attn(n1 x)); x = n4(x + mlp(n3 x))."""
+
+    def __init__(self, cfg: ModelConfig, with_value_embed: bool = False) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, with_value_embed)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.sandwich = bool(cfg.sandwich_norm)
+        if self.sandwich:
+            self.norm3 = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.norm4 = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                value_embed: torch.Tensor | None = None,
+                kv: tuple[KVCache, CacheKey] | None = None) -> torch.Tensor:
+        if self.sandwich:
+            x = self.norm2(x + self.attn(self.norm1(x), rope, value_embed, kv))
+            return self.norm4(x + self.mlp(self.norm3(x)))
+        x = x + self.attn(self.norm1(x), rope, value_embed, kv)
+        return x + self.mlp(self.norm2(x))
+
+
+class ValueEmbeddings(nn.Module):
+    """Per-layer token tables (nanochat) for the layers of a stack that take one."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[int]) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict({str(i): nn.Embedding(cfg.vocab_size, cfg.d_model) for i in layers})
+
+    def lookup(self, idx: torch.Tensor) -> dict[int, torch.Tensor]:
+        """All tables at once: looped cores reuse the same lookups on every loop."""
+        return {int(i): table(idx) for i, table in self.tables.items()}
+
+
+def make_stack(cfg: ModelConfig, layer_ids: range, n_total: int) -> nn.ModuleList:
+    """Blocks for `layer_ids` of a stack of `n_total` physical layers (value embeddings by the
+    alternating rule over that whole stack)."""
+    return nn.ModuleList(
+        Block(cfg, cfg.value_embeds and has_value_embed(i, n_total)) for i in layer_ids)
+
+
+def value_embed_layers(cfg: ModelConfig) -> list[int]:
+    n = cfg.n_physical_layers
+    return [i for i in range(n) if has_value_embed(i, n)] if cfg.value_embeds else []
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig, generator: torch.Generator) -> None:
+    """Parcae's "scaled-zero" init: trunc-normal(std sqrt(2/(5d)), +-3 std) for every matrix and
+    embedding, zero for output projections (attn.o, mlp.proj) and value-embedding gates (gate = 1),
+    ones for norm gains. Family modules (injections, halting units) init themselves through
+    `reset_parameters()`. Raises if a parameter is left uninitialised (build() allocates with to_empty)."""
+    std = init_std(cfg)
+    done: set[int] = set()
+    family_modules: list[nn.Module] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if name.endswith(("attn.o", "mlp.proj", "ve_gate")):
+                module.weight.zero_()
+            else:
+                nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std, generator=generator)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std, generator=generator)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif hasattr(module, "reset_parameters"):
+            family_modules.append(module)
+            continue
+        else:
+            continue
+        done.update(id(p) for p in module.parameters(recurse=False))
+    for module in family_modules:  # after the generic rules, so they may override their children
+        module.reset_parameters()
+        done.update(id(p) for p in module.parameters())
+    missing = [n for n, p in model.named_parameters() if id(p) not in done]
+    if missing:
+        raise RuntimeError(f"init_weights: no init rule for parameters {missing} "
+                           f"(give their module a reset_parameters() method)")
