@@ -10,6 +10,7 @@ from .blocks import RMSNorm, ValueEmbeddings, make_stack, next_token_loss, rope_
 from .cache import KVCache, kv_slot
 from .config import ModelConfig
 from .recurrence import ExitRule
+from .regions import block_label, region
 
 
 class GPT(nn.Module):
@@ -31,12 +32,16 @@ class GPT(nn.Module):
         """Logits [B, T, V]. `loops` and `exit` are accepted for a uniform interface and ignored."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        rope = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
-        ves = self.value_embeds.lookup(idx)
-        x = self.wte(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, ves.get(i), kv_slot(cache, "dense", i))
-        logits = F.linear(self.ln_f(x), self.wte.weight)
+        with region("embed"):
+            rope = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
+            ves = self.value_embeds.lookup(idx)
+            x = self.wte(idx)
+        with region("blocks"):
+            for i, block in enumerate(self.blocks):
+                with region(block_label(i)):
+                    x = block(x, rope, ves.get(i), kv_slot(cache, "dense", i))
+        with region("head"):
+            logits = F.linear(self.ln_f(x), self.wte.weight)
         if cache is not None:
             cache.advance(T)
         if stats is not None:

@@ -18,6 +18,7 @@ from .blocks import RMSNorm, ValueEmbeddings, make_stack, next_token_loss, rope_
 from .cache import KVCache, kv_slot
 from .config import ModelConfig
 from .recurrence import ExitRule, LoopRNG, initial_state, plan_loops, run_loops
+from .regions import core_label, region
 
 
 class Looped(nn.Module):
@@ -45,25 +46,32 @@ class Looped(nn.Module):
         cfg, (B, T) = self.config, idx.shape
         P, R = cfg.n_prelude, cfg.n_core
         start = cache.pos if cache is not None else 0
-        rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
-        ves = self.value_embeds.lookup(idx)
+        with region("embed"):
+            rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
+            ves = self.value_embeds.lookup(idx)
+            x = self.wte(idx)
 
-        x = self.wte(idx)
-        for i, block in enumerate(self.prelude):
-            x = block(x, rope, ves.get(i), kv_slot(cache, "prelude", i))
-        e = self.ln_prelude(x)
-        h = h0 if h0 is not None else initial_state(cfg, e, self.rng.on(e.device))
+        with region("prelude"):
+            for i, block in enumerate(self.prelude):
+                x = block(x, rope, ves.get(i), kv_slot(cache, "prelude", i))
+            e = self.ln_prelude(x)
+        with region("injection"):
+            h = h0 if h0 is not None else initial_state(cfg, e, self.rng.on(e.device))
 
         def step(h: torch.Tensor, loop: int) -> torch.Tensor:
-            x = h + e if cfg.injection == "add" else h
+            with region("injection"):
+                x = h + e if cfg.injection == "add" else h
             for j, block in enumerate(self.core):
-                x = block(x, rope, ves.get(P + j), kv_slot(cache, "core", P + j, loop))
+                with region(core_label(j)):
+                    x = block(x, rope, ves.get(P + j), kv_slot(cache, "core", P + j, loop))
             return x
 
         def head(h: torch.Tensor) -> torch.Tensor:
-            for j, block in enumerate(self.coda):
-                h = block(h, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
-            return F.linear(self.ln_f(h), self.wte.weight)
+            with region("coda"):
+                for j, block in enumerate(self.coda):
+                    h = block(h, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
+            with region("head"):
+                return F.linear(self.ln_f(h), self.wte.weight)
 
         plan = plan_loops(cfg, B, loops, self.training, self.rng.cpu)
         h = run_loops(step, h, plan, exit_rule=exit, readout=head, stats=stats)

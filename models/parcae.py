@@ -22,6 +22,7 @@ from .blocks import RMSNorm, ValueEmbeddings, make_stack, next_token_loss, rope_
 from .cache import KVCache, kv_slot
 from .config import ModelConfig
 from .recurrence import ExitRule, LoopRNG, initial_state, plan_loops, run_loops
+from .regions import core_label, region
 
 DT_INIT = 0.5 * math.log(5.0)  # softplus(dt_bias) = -ln(sqrt(1/5)) ~ 0.8047, so A_bar = sqrt(1/5) at init
 
@@ -80,28 +81,36 @@ class Parcae(nn.Module):
         cfg, (B, T) = self.config, idx.shape
         P, R = cfg.n_prelude, cfg.n_core
         start = cache.pos if cache is not None else 0
-        rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
-        ves = self.value_embeds.lookup(idx)
+        with region("embed"):
+            rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
+            ves = self.value_embeds.lookup(idx)
+            x = self.wte(idx)
 
-        x = self.wte(idx)
-        for i, block in enumerate(self.prelude):
-            x = block(x, rope, ves.get(i), kv_slot(cache, "prelude", i))
-        e = self.ln_prelude(x)
+        with region("prelude"):
+            for i, block in enumerate(self.prelude):
+                x = block(x, rope, ves.get(i), kv_slot(cache, "prelude", i))
+            e = self.ln_prelude(x)
 
-        h = h0 if h0 is not None else initial_state(cfg, e, self.rng.on(e.device))
-        decay, drive = self.injection.decay(), self.injection.drive(e)
+        with region("injection"):
+            h = h0 if h0 is not None else initial_state(cfg, e, self.rng.on(e.device))
+            decay, drive = self.injection.decay(), self.injection.drive(e)
 
         def step(h: torch.Tensor, loop: int) -> torch.Tensor:
-            x = decay * h + drive
+            with region("injection"):
+                x = decay * h + drive
             for j, block in enumerate(self.core):
-                x = block(x, rope, ves.get(P + j), kv_slot(cache, "core", P + j, loop))
+                with region(core_label(j)):
+                    x = block(x, rope, ves.get(P + j), kv_slot(cache, "core", P + j, loop))
             return x
 
         def head(h: torch.Tensor) -> torch.Tensor:
-            x = self.readout(h)
-            for j, block in enumerate(self.coda):
-                x = block(x, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
-            return F.linear(self.ln_f(x), self.wte.weight)
+            with region("readout"):
+                x = self.readout(h)
+            with region("coda"):
+                for j, block in enumerate(self.coda):
+                    x = block(x, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
+            with region("head"):
+                return F.linear(self.ln_f(x), self.wte.weight)
 
         plan = plan_loops(cfg, B, loops, self.training, self.rng.cpu)
         h = run_loops(step, h, plan, exit_rule=exit, readout=head, stats=stats)

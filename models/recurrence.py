@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .regions import loop_label, region
 
 EXIT_KINDS: tuple[str, ...] = ("state", "kl")
 
@@ -142,10 +143,11 @@ def run_loops(step: Callable[[torch.Tensor, int], torch.Tensor], h: torch.Tensor
         n_steps = int(counts.max())
         with torch.set_grad_enabled(phase == "grad" and torch.is_grad_enabled()):
             for s in range(n_steps):
-                new = step(h, loop)
-                if not uniform:  # freeze sequences whose count is exhausted
-                    active = (counts > s).to(h.device).view(-1, *([1] * (h.dim() - 1)))
-                    new = torch.where(active, new, h)
+                with region(loop_label(loop)):
+                    new = step(h, loop)
+                    if not uniform:  # freeze sequences whose count is exhausted
+                        active = (counts > s).to(h.device).view(-1, *([1] * (h.dim() - 1)))
+                        new = torch.where(active, new, h)
                 loop += 1
                 if stats is not None or exit_rule is not None:
                     delta = _token_norm((new - h).detach())

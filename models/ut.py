@@ -22,6 +22,7 @@ from .blocks import RMSNorm, ValueEmbeddings, make_stack, next_token_loss, rope_
 from .cache import KVCache, kv_slot
 from .config import ModelConfig
 from .recurrence import ExitRule, LoopRNG
+from .regions import core_label, loop_label, region
 
 HALTING_BIAS_INIT = 1.0  # tensor2tensor's act_halting_bias_init: start with short ponder times
 
@@ -78,51 +79,58 @@ class UT(nn.Module):
         if max_steps < 1 or (loops is not None and loops > cfg.act_max_steps):
             raise ValueError(f"ut: loops={loops} must be in [1, act_max_steps={cfg.act_max_steps}]")
         start = cache.pos if cache is not None else 0
-        rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
-        ves = self.value_embeds.lookup(idx)
+        with region("embed"):
+            rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
+            ves = self.value_embeds.lookup(idx)
+            x = self.wte(idx)
 
-        x = self.wte(idx)
-        for i, block in enumerate(self.prelude):
-            x = block(x, rope, ves.get(i), kv_slot(cache, "prelude", i))
-        e = self.ln_prelude(x)
-        h = e if h0 is None else h0
-
-        halt_sum = torch.zeros(B, T, device=idx.device)   # running sum of halting probabilities
-        remainder = torch.zeros(B, T, device=idx.device)
-        n_updates = torch.zeros(B, T, device=idx.device)
-        output = torch.zeros_like(h)
+        with region("prelude"):
+            for i, block in enumerate(self.prelude):
+                x = block(x, rope, ves.get(i), kv_slot(cache, "prelude", i))
+            e = self.ln_prelude(x)
+        with region("injection"):
+            h = e if h0 is None else h0
+            halt_sum = torch.zeros(B, T, device=idx.device)   # running sum of halting probabilities
+            remainder = torch.zeros(B, T, device=idx.device)
+            n_updates = torch.zeros(B, T, device=idx.device)
+            output = torch.zeros_like(h)
         threshold = 1.0 - cfg.act_eps
         norms: list[float] = []
         residual = float("nan")
         steps = 0
         for t in range(max_steps):
-            p = self.halting(h)
-            running = halt_sum < threshold
-            last = t == max_steps - 1
-            crosses = halt_sum + p > threshold
-            new_halted = running & (crosses | last)
-            still = running & ~new_halted
-            halt_sum = halt_sum + p * still
-            remainder = remainder + new_halted * (1.0 - halt_sum)
-            halt_sum = halt_sum + new_halted * (1.0 - halt_sum)
-            n_updates = n_updates + (still | new_halted).float()
-            weight = (p * still + new_halted * remainder).unsqueeze(-1).type_as(h)
+            with region(loop_label(t)):
+                with region("injection"):  # the halting unit and the step signal
+                    p = self.halting(h)
+                    running = halt_sum < threshold
+                    last = t == max_steps - 1
+                    crosses = halt_sum + p > threshold
+                    new_halted = running & (crosses | last)
+                    still = running & ~new_halted
+                    halt_sum = halt_sum + p * still
+                    remainder = remainder + new_halted * (1.0 - halt_sum)
+                    halt_sum = halt_sum + new_halted * (1.0 - halt_sum)
+                    n_updates = n_updates + (still | new_halted).float()
+                    weight = (p * still + new_halted * remainder).unsqueeze(-1).type_as(h)
+                    x = h + self.step_embed.weight[t] + (e if cfg.injection == "add" else 0)
 
-            x = h + self.step_embed.weight[t] + (e if cfg.injection == "add" else 0)
-            for j, block in enumerate(self.core):
-                x = block(x, rope, ves.get(P + j), kv_slot(cache, "core", P + j, t))
-            if stats is not None:
-                norms.append(float(x.detach().float().norm(dim=-1).mean()))
-                residual = float((x - h).detach().float().norm(dim=-1).mean())
-            h = x
-            output = output + weight * h
-            steps += 1
+                for j, block in enumerate(self.core):
+                    with region(core_label(j)):
+                        x = block(x, rope, ves.get(P + j), kv_slot(cache, "core", P + j, t))
+                if stats is not None:
+                    norms.append(float(x.detach().float().norm(dim=-1).mean()))
+                    residual = float((x - h).detach().float().norm(dim=-1).mean())
+                h = x
+                output = output + weight * h
+                steps += 1
             if loops is None and not bool((halt_sum < threshold).any()):
                 break  # every position has halted: the remaining steps are really skipped
 
-        for j, block in enumerate(self.coda):
-            output = block(output, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
-        logits = F.linear(self.ln_f(output), self.wte.weight)
+        with region("coda"):
+            for j, block in enumerate(self.coda):
+                output = block(output, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
+        with region("head"):
+            logits = F.linear(self.ln_f(output), self.wte.weight)
         if cache is not None:
             cache.advance(T)
         ponder = n_updates + remainder

@@ -25,6 +25,8 @@ import pandas as pd
 from loopscope.bench.store import atomic_write_text
 from loopscope.reports.charts import CHARTS, Chart, Omitted, human_bytes, si
 from loopscope.reports.frames import RunData, load_run
+from loopscope.reports.profile_charts import PROFILE_CHARTS, traced
+from loopscope.reports.profile_tables import PROFILE_TABLES
 from loopscope.reports.tables import TABLES
 
 PNG_DPI = 110
@@ -180,7 +182,7 @@ def draw_charts(run: RunData, charts_dir: Path) -> list[DrawnChart | Omitted]:
     """Every chart, saved as PNG and SVG; a chart that fails to draw becomes an Omitted naming the error."""
     charts_dir.mkdir(exist_ok=True)
     out: list[DrawnChart | Omitted] = []
-    for make in CHARTS:
+    for make in CHARTS + (PROFILE_CHARTS if traced(run) else ()):  # "Where the time goes", traced runs only
         try:
             chart = make(run)
         except Exception as err:  # one broken chart must not cost the whole report
@@ -215,7 +217,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     title = f"loopscope report: {run.manifest.get('run_id', run.run_dir.name)}"
     header = header_items(run)
     charts = draw_charts(run, run.run_dir / "charts")
-    tables = [(spec, spec.make(run)) for spec in TABLES]
+    tables = [(spec, spec.make(run)) for spec in TABLES + (PROFILE_TABLES if traced(run) else ())]
     md_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
     atomic_write_text(md_path, render_markdown(title, header, charts, tables))
     atomic_write_text(html_path, render_html(title, header, charts, tables))

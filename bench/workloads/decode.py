@@ -146,6 +146,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
                                       source="measured vs analytic KV bytes"))
     if cell.family != "gpt":
         result.rows += deviation_rows(cell, prompt[:1, : min(prompt_len, 48)])
+    if ctx.trace:  # after every timed generation, so the profiler never disturbs them
+        from loopscope.bench.profiling import profile_generation_rows
+
+        result.rows += profile_generation_rows(cell, ctx, gen, prompt, new_tokens, float(np.median(step_s)))
     return result
 
 

@@ -189,6 +189,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         result.rows.append(unmeasured("tokens_per_s", "tokens/s", "unavailable: resumed after the last step"))
     result.add_samples("train_loss", "nats/token", losses)
     result.rows.extend(_state_rows(model, tok.val, cell))
+    if ctx.trace:  # activation memory vs loop count and mu_bwd: a few one-sequence forwards, no steps
+        from loopscope.bench.profiling import activation_rows
+
+        result.rows.extend(activation_rows(model, *get_batch(tok.train, offsets[0][:1], cell.seq_len, cell.device)))
     return result
 
 
