@@ -27,6 +27,7 @@ from loopscope.reports.charts import CHARTS, Chart, Omitted, human_bytes, si
 from loopscope.reports.frames import RunData, load_run
 from loopscope.reports.profile_charts import PROFILE_CHARTS, traced
 from loopscope.reports.profile_tables import PROFILE_TABLES
+from loopscope.reports.quality_charts import QUALITY_CHARTS
 from loopscope.reports.tables import TABLES
 
 PNG_DPI = 110
@@ -182,7 +183,8 @@ def draw_charts(run: RunData, charts_dir: Path) -> list[DrawnChart | Omitted]:
     """Every chart, saved as PNG and SVG; a chart that fails to draw becomes an Omitted naming the error."""
     charts_dir.mkdir(exist_ok=True)
     out: list[DrawnChart | Omitted] = []
-    for make in CHARTS + (PROFILE_CHARTS if traced(run) else ()):  # "Where the time goes", traced runs only
+    # "Where the time goes" (profile charts) only for traced runs
+    for make in CHARTS + QUALITY_CHARTS + (PROFILE_CHARTS if traced(run) else ()):
         try:
             chart = make(run)
         except Exception as err:  # one broken chart must not cost the whole report
