@@ -70,6 +70,11 @@ def fit_saturation(T, L) -> Saturation:
     if best is None:
         raise ValueError(f"fit_saturation: no fit converged for T={T.tolist()}, L={L.tolist()}")
     sse, (L_inf, Z, z) = best
+    if z * float(T.max() - T.min()) < 0.05:
+        # The exponential has degenerated into a straight line over the measured range: L_inf and Z are
+        # then arbitrary (large and cancelling), so there is no saturation to report.
+        raise ValueError(f"fit_saturation: the loss does not level off over T={T.min():g}..{T.max():g} "
+                         f"(fitted rate z={z:.2g} per loop, a straight line)")
     return Saturation(float(L_inf), float(Z), float(z), math.sqrt(sse / T.size))
 
 

@@ -49,3 +49,15 @@ def test_stability_over_training_reads_first_and_last_values():
     assert isinstance(chart, Chart)
     assert "train parcae-micro spectral_radius 0.45 -> 0.62" in chart.reading
     plt.close(chart.figure)
+
+
+def test_a_loss_that_does_not_level_off_has_no_saturation_fit():
+    import pytest
+
+    from loopscope.reports.fits import fit_saturation
+
+    # the looped-tiny curve of the cpu run: worse with every loop past training, no plateau
+    with pytest.raises(ValueError, match="does not level off"):
+        fit_saturation([1, 2, 4, 8], [3.872, 3.807, 3.95, 4.136])
+    fit = fit_saturation([1, 2, 4, 8, 16], [4.0 + 1.5 * 2.718281828 ** (-0.7 * t) for t in (1, 2, 4, 8, 16)])
+    assert abs(fit.L_inf - 4.0) < 1e-3
