@@ -15,6 +15,7 @@ from typing import Any
 
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.tokenizer import vocab_size
+from loopscope.bench.workloads.optimizers import OPTIMIZERS
 from loopscope.profiles.loader import BACKENDS, DTYPES, KV_POLICIES, WORKLOADS, Profile
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -144,6 +145,9 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
         errors.append(f"{profile.path}: {err}")
         vocab = None
     configs = _model_configs(profile, names, vocab, errors)
+    optimizer = settings["train"].get("optimizer", "adamw")  # not in DEFAULTS: existing cell ids stay the same
+    if optimizer not in OPTIMIZERS:
+        errors.append(f"{profile.path}: train.optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
     cells: dict[str, Cell] = {}
     train_cells: dict[tuple[str, float], Cell] = {}

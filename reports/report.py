@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from loopscope.bench.matrix import DEFAULTS
 from loopscope.bench.store import atomic_write_text
 from loopscope.reports.charts import CHARTS, Chart, Omitted, human_bytes, si
 from loopscope.reports.frames import RunData, load_run
@@ -100,6 +101,7 @@ def header_items(run: RunData) -> list[tuple[str, str]]:
         ("threads", _threads_text(fp.get("threads"))),
         ("calibration", _calibration_text(m.get("calibration") or {})),
         ("corpus", _corpus_text(m.get("corpus") or {})),
+        ("training", _training_text(profile.get("settings") or {}, cells)),
         ("git", _git_text(m.get("git") or fp.get("git"))),
     ]
     return [(k, v) for k, v in items if v]
@@ -161,6 +163,20 @@ def _corpus_text(corpus: dict) -> str:
         return ""
     return (f"{corpus.get('name', '?')}: {corpus.get('train_bytes', '?')} train / {corpus.get('val_bytes', '?')} "
             f"held-out bytes, held-out sha256 {str(corpus.get('val_sha256', ''))[:16]}")
+
+
+def _training_text(settings: dict, cells: pd.DataFrame) -> str:
+    """The optimizer and schedule every train cell shared (blank when the run trains nothing)."""
+    if cells.empty or "workload" not in cells or not (cells["workload"] == "train").any():
+        return ""
+    train = {**DEFAULTS["train"], **settings.get("train", {})}
+    optimizer = ("Muon (attention and MLP matrices) + AdamW (the rest)" if train.get("optimizer") == "muon"
+                 else "AdamW")
+    budget = (f"{train['tokens_per_param']:g} tokens/param" if train.get("tokens_per_param")
+              else f"{train['flops']:.3g} FLOPs (iso-FLOP)" if train.get("flops") else f"{train['tokens']:,} tokens")
+    return (f"{budget} per model, same data order and seed; {optimizer}, trapezoid schedule (warm-up "
+            f"{train['warmup_frac']:g}, cool-down {train['cooldown_frac']:g} of the steps), grad clip "
+            f"{train['grad_clip']:g}, weight decay {train['weight_decay']:g}")
 
 
 def _git_text(git: Any) -> str:

@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from loopscope.bench.context import RunContext
-from loopscope.bench.matrix import DEFAULTS, Cell
+from loopscope.bench.errors import ConfigError
+from loopscope.bench.matrix import DEFAULTS, Cell, expand
 from loopscope.bench.workloads import Diverged, train
-from loopscope.models import preset
+from loopscope.bench.workloads.optimizers import build_optimizers, muon_split
+from loopscope.models import build, preset
+from loopscope.profiles.loader import load_profile
 
 
-def _cell(model: str = "parcae-micro", steps: int = 12, every: int = 0) -> Cell:
-    settings = {"train": {**DEFAULTS["train"], "tokens": steps * 4 * 32, "checkpoint_every": every},
+def _cell(model: str = "parcae-micro", steps: int = 12, every: int = 0, optimizer: str = "adamw") -> Cell:
+    settings = {"train": {**DEFAULTS["train"], "tokens": steps * 4 * 32, "checkpoint_every": every,
+                          "optimizer": optimizer},
                 "data": {**DEFAULTS["data"], "max_bytes": 200_000}}
     return Cell(model=model, model_config=preset(model).to_dict(), workload="train", batch=4, seq_len=32,
                 lr=3e-3, settings=settings)
@@ -31,8 +35,9 @@ def _losses(result) -> list[float]:
     return [s["value"] for s in result.samples if s["metric"] == "train_loss"]
 
 
-def test_interrupted_train_cell_resumes_to_the_same_final_loss(ctx, monkeypatch):
-    cell = _cell(every=5)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_train_cell_resumes_to_the_same_final_loss(ctx, monkeypatch, optimizer):
+    cell = _cell(every=5, optimizer=optimizer)
     full = train.run(cell, ctx)
     (ctx.checkpoints_dir / f"{cell.cell_id}.safetensors").unlink()
 
@@ -86,3 +91,30 @@ def test_budgets_in_tokens_per_param_and_flops():
         **cell.settings["train"], "flops": 1e12}}})
     assert train.token_budget(iso_flop) == int(1e12 / flops_per_token(cfg, 32, mode="train"))
     assert math.isfinite(train.token_budget(cell))
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    model = build("parcae-micro")
+    muon, rest = muon_split(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon_names = {names[id(p)] for p in muon}
+    rest_names = {names[id(p)] for p in rest}
+    assert "core.0.attn.q.weight" in muon_names and "prelude.0.mlp.proj.weight" in muon_names
+    assert {"wte.weight", "injection.B", "readout.weight"} <= rest_names  # as Parcae's Table 20
+    assert all(p.ndim == 2 for p in muon)
+    assert len(muon) + len(rest) == len(list(model.parameters()))
+    opt = build_optimizers(model, {**DEFAULTS["train"], "optimizer": "muon"})
+    assert [type(o).__name__ for o in opt.parts] == ["AdamW", "Muon"]
+
+
+def test_muon_training_lowers_the_loss(ctx):
+    result = train.run(_cell("gpt-micro", steps=30, optimizer="muon"), ctx)
+    losses = _losses(result)
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+
+
+def test_an_unknown_optimizer_is_a_config_error(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('[train]\noptimizer = "sgd"\n[[sweep]]\nmodel = "gpt-micro"\nworkload = "train"\n')
+    with pytest.raises(ConfigError, match=r"p.toml: train.optimizer = 'sgd': expected one of adamw, muon"):
+        expand(load_profile(str(path)))

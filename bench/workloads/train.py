@@ -1,9 +1,9 @@
 """Training workload: equal token budget, data order and seed for every model in a comparison.
 
-AdamW with a trapezoid schedule (warm-up, constant, linear cool-down), gradient clipping, bf16
-autocast on GPU, each family's own loop sampling (inside the model's training forward). A
-non-finite loss ends the cell as `diverged` with the step; spikes above `spike_factor` x the
-running median are counted. State is checkpointed with safetensors so an interrupted cell resumes.
+AdamW (or Muon for the block matrices, optimizers.py) with a trapezoid schedule (warm-up, constant,
+linear cool-down), gradient clipping, bf16 autocast on GPU, each family's own loop sampling (inside the
+model's training forward). A non-finite loss ends the cell as `diverged` with the step; spikes above
+`spike_factor` x the running median are counted. State is checkpointed with safetensors so an interrupted cell resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import Diverged, WorkloadResult
 from loopscope.bench.workloads.common import build_model, reseed, synchronize
+from loopscope.bench.workloads.optimizers import Optimizers, build_optimizers
 
 SPIKE_WINDOW = 50
 STATS_POINTS = 25  # how many times per training run the loop stability diagnostics are sampled
@@ -64,21 +65,12 @@ def get_batch(data: np.ndarray, starts: np.ndarray, seq_len: int, device: str) -
     return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
 
 
-def _optimizer(model: torch.nn.Module, train: dict) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": float(train["weight_decay"])},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=float(train["lr"]), betas=tuple(train["betas"]), eps=1e-8)
-
-
-def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int,
-               losses: list[float]) -> None:
-    """Model, AdamW moments, step and loss curve as one safetensors file (no pickling)."""
+def save_state(path: Path, model: torch.nn.Module, opt: Optimizers, step: int, losses: list[float]) -> None:
+    """Model, optimizer moments (numbered in `opt.params()` order), step and loss curve as one safetensors
+    file (no pickling)."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    for i, (param, state) in enumerate(opt.state.items()):
-        del param
-        for key, value in state.items():
+    for i, (part, param) in enumerate(opt.params()):
+        for key, value in part.state.get(param, {}).items():
             tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
     tensors["meta.step"] = torch.tensor([step], dtype=torch.int64)
     tensors["meta.losses"] = torch.tensor(losses, dtype=torch.float64)
@@ -87,14 +79,13 @@ def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, s
     tmp.replace(path)
 
 
-def load_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+def load_state(path: Path, model: torch.nn.Module, opt: Optimizers) -> tuple[int, list[float]]:
     tensors = load_file(str(path))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    params = [p for group in opt.param_groups for p in group["params"]]
-    for i, param in enumerate(params):
+    for i, (part, param) in enumerate(opt.params()):
         state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
         if state:
-            opt.state[param] = {k: (v.to(param.device) if k != "step" else v) for k, v in state.items()}
+            part.state[param] = {k: (v.to(param.device) if k != "step" else v) for k, v in state.items()}
     return int(tensors["meta.step"][0]), tensors["meta.losses"].tolist()
 
 
@@ -117,7 +108,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     torch.manual_seed(cell.seed)
     model = build_model(cell)
     model.train()
-    opt = _optimizer(model, {**train, "lr": cell.lr})
+    opt = build_optimizers(model, {**train, "lr": cell.lr})
     partial = checkpoint_path(ctx, cell, partial=True)
     start, losses = (load_state(partial, model, opt) if partial.is_file() else (0, []))
     result = WorkloadResult()
