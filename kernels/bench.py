@@ -470,8 +470,11 @@ TARGETS: tuple[tuple[str, str, str, float, str], ...] = (
 )
 
 
-def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (target, measured numba row): the measured ratio, the bound, met or not, and by how much."""
+def target_rows(rows: list[dict[str, Any]], decode_tokens: int = FULL.decode_tokens) -> list[dict[str, Any]]:
+    """One row per (target, measured numba row): the measured ratio, the bound, met or not, by how much, and
+    for a missed target why (diagnose.explain, from the diagnosis rows of the same run)."""
+    from .diagnose import explain
+
     out = []
     for kind, prefix, key, bound, direction in TARGETS:
         for row in rows:
@@ -483,7 +486,7 @@ def target_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(dict(kind="target", name=row["name"], backend=NUMBA, metric=key, unit="x", value=value,
                             stat="median", bound=bound, direction=direction, met=bool(met),
                             margin=value / bound, shape=row.get("shape"), loadavg_1m=row.get("loadavg_1m"),
-                            source=SOURCE))
+                            source=SOURCE, why="" if met else explain(rows, row, decode_tokens)))
     return out
 
 
@@ -506,10 +509,13 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def kernel_benchmarks(quick: bool) -> list[dict[str, Any]]:
     """Every kernel benchmark, as tidy rows. quick=True: small shapes, 3 rounds, no torch.compile, no
     subprocesses, no target rows (under a minute on 2 cores); quick=False: the issue's target shapes with
-    torch.compile, cold/warm compile and threading-layer subprocesses, and one `target` row per issue target
-    (about 10 minutes)."""
+    torch.compile, cold/warm compile and threading-layer subprocesses, the diagnosis rows, and one `target` row
+    per issue target with the reason when it is missed (about 10 minutes)."""
     settings = QUICK if quick else FULL
     rows = op_benchmarks(settings) + model_benchmarks(settings) + interference_benchmarks(settings)
     if quick:  # the issue's targets are defined at the full shapes only
         return rows
-    return rows + compile_benchmarks() + threading_layer_benchmarks() + target_rows(rows)
+    from .diagnose import diagnosis_rows
+
+    rows += diagnosis_rows(settings)
+    return rows + compile_benchmarks() + threading_layer_benchmarks() + target_rows(rows, settings.decode_tokens)

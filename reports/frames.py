@@ -306,13 +306,22 @@ def state_norm_frame(run: RunData) -> pd.DataFrame:
     return s.sort_values(["model", "lr", "loop"])
 
 
+DEGRADED_FACTOR = 1.2  # final train loss above this x the best of the same model's lr sweep
+
+
 def stability_frame(run: RunData) -> pd.DataFrame:
-    """One row per train cell: converged or not, at which step it diverged, final loss, spikes, rho."""
+    """One row per train cell: outcome, the step it diverged at, final loss, spikes, rho / adapter norm, and
+    the growth of the last loop's state norm over training (last sample / first).
+
+    outcome: "diverged" (a non-finite loss ended the cell), "degraded" (finite, but the final train loss is
+    above DEGRADED_FACTOR x the best learning rate's of the same model: the run trained and got worse or
+    never learnt), "converged", or the cell's status when it did not finish otherwise."""
     cells = run.cell_frame()
     train = cells[cells["workload"] == "train"]
     if train.empty:
         return pd.DataFrame(columns=["family", "model", "lr", "outcome", "status", "diverged_step",
-                                     "train_loss", "loss_spikes", "spectral_radius", "reason"])
+                                     "train_loss", "loss_spikes", "spectral_radius", "state_norm_growth",
+                                     "reason"])
     res = run.results
     by_metric = {m: res[res["metric"] == m].drop_duplicates("cell_id").set_index("cell_id")["value"]
                  for m in ("diverged_step", "train_loss", "loss_spikes", "spectral_radius",
@@ -320,7 +329,13 @@ def stability_frame(run: RunData) -> pd.DataFrame:
     out = train[["cell_id", "family", "model", "lr", "status", "reason"]].copy()
     for m, values in by_metric.items():
         out[m] = out["cell_id"].map(values)
+    norms = run.samples[run.samples["metric"] == "state_norm_last_loop"].sort_values(["cell_id", "index"])
+    growth = norms.groupby("cell_id")["value"].agg(lambda v: v.iloc[-1] / v.iloc[0] if v.iloc[0] > 0 else np.nan)
+    out["state_norm_growth"] = out["cell_id"].map(growth)
+    best = out[out["status"] == "ok"].groupby("model")["train_loss"].min()
+    degraded = (out["status"] == "ok") & (out["train_loss"] > DEGRADED_FACTOR * out["model"].map(best))
     out["outcome"] = out["status"].map({"ok": "converged", "diverged": "diverged"}).fillna(out["status"])
+    out.loc[degraded, "outcome"] = "degraded"
     out["_rank"] = out["family"].map(family_rank)
     return out.sort_values(["_rank", "model", "lr"]).drop(columns="_rank").reset_index(drop=True)
 

@@ -194,6 +194,7 @@ def stability_table(run: RunData) -> pd.DataFrame:
         "family": st["family"], "model": st["model"], "lr": st["lr"], "outcome": st["outcome"],
         "diverged at step": st["diverged_step"], "final train loss": st["train_loss"],
         "loss spikes": st["loss_spikes"], "state gain (rho or adapter norm)": proxy,
+        "state norm growth (x)": st["state_norm_growth"],
     })
     return out.loc[:, [c for c in out.columns if not out[c].isna().all()]]
 
@@ -204,6 +205,27 @@ def numba_table(run: RunData) -> pd.DataFrame:
     if r.empty:
         return _empty("no numba measurement paired with torch in this run")
     return r.rename(columns={"ratio": "numba time / torch time"})
+
+
+def numba_targets_table(run: RunData) -> pd.DataFrame:
+    """The numba performance targets of the kernels workload: measured ratio, bound, met, and why if missed."""
+    res = run.results
+    if "kind" not in res.columns:
+        return _empty("no kernels workload at the full shapes in this run")
+    t = res[(res["workload"] == "kernels") & (res["kind"] == "target")]
+    if t.empty:
+        return _empty("no kernels workload at the full shapes in this run")
+    arrow = {"min": ">=", "max": "<="}
+    return pd.DataFrame({
+        "target": [f"{name} ({m.replace('_vs_torch', '').replace('_', ' ')} {arrow.get(d, '?')} {b:g})"
+                   for name, m, d, b in zip(t["name"], t["metric"], t["direction"], t["bound"], strict=True)],
+        "measured": t["value"].to_numpy(),
+        "met": ["met" if bool(x) else f"MISSED by {abs(1 - m):.0%}" for x, m in zip(t["met"], t["margin"],
+                                                                                   strict=True)],
+        "shape": t["shape"].to_numpy(),
+        "load (1 min)": t["loadavg_1m"].to_numpy(),
+        "why (measured in this run)": t["why"].fillna("").to_numpy() if "why" in t.columns else "",
+    }).reset_index(drop=True)
 
 
 def failed_table(run: RunData) -> pd.DataFrame:
@@ -244,8 +266,12 @@ TABLES: tuple[TableSpec, ...] = (
               "L(T) = L_inf + Z exp(-zT) fitted to bpb; overthinking = bpb rising beyond the training loops."),
     TableSpec("Throughput and latency per device", throughput_table),
     TableSpec("Energy per token", energy_table),
-    TableSpec("Stability: converged or diverged per learning rate", stability_table),
+    TableSpec("Stability: converged or diverged per learning rate", stability_table,
+              "diverged: non-finite loss; degraded: finite but the final loss > 1.2x the same model's best lr; "
+              "state norm growth: last-loop state norm at the end of training / at the start."),
     TableSpec("Numba vs torch", numba_table),
+    TableSpec("Numba performance targets", numba_targets_table,
+              "Ratios measured side by side in one process; a missed target carries its measured breakdown."),
     TableSpec("Cells that did not finish", failed_table),
 )
 

@@ -10,6 +10,7 @@ tests check that what the report says follows from the data.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import re
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 
 from loopscope.bench.executor import cell_columns
@@ -589,3 +591,21 @@ def test_fmt_formats_by_column():
     assert fmt(23112.4, "tokens/s") == "23,112"
     assert fmt(0.01234, "MFU") == "0.01234" and fmt(4e-5, "rms residual") == "4e-05"
     assert fmt(float("nan"), "bpb") == "" and fmt(1.6e-2, "lr") == "0.016"
+
+
+def test_a_finite_run_far_above_its_best_lr_is_degraded_and_state_growth_is_read(full_report):
+    run = load_run(full_report[0])
+    st = frames.stability_frame(run)
+    worst = st[(st["model"] == "parcae-micro") & (st["lr"] == 1e-3)].iloc[0]
+    best_loss = st[(st["model"] == "parcae-micro")]["train_loss"].min()
+    res = run.results.copy()
+    mask = (res["cell_id"] == worst["cell_id"]) & (res["metric"] == "train_loss")
+    res.loc[mask, "value"] = best_loss * 1.3
+    norms = pd.DataFrame({"cell_id": worst["cell_id"], "metric": "state_norm_last_loop", "unit": "l2",
+                          "index": [0, 50, 99], "value": [2.0, 30.0, 500.0]})
+    changed = dataclasses.replace(run, results=res, samples=pd.concat([run.samples, norms], ignore_index=True))
+    st2 = frames.stability_frame(changed).set_index(["model", "lr"])
+    assert st2.loc[("parcae-micro", 1e-3), "outcome"] == "degraded"
+    assert st2.loc[("parcae-micro", 1e-3), "state_norm_growth"] == pytest.approx(250.0)
+    assert st2.loc[("parcae-micro", 4e-3), "outcome"] == "converged"
+    assert st2.loc[("rdm-micro", 1.6e-2), "outcome"] == "diverged"

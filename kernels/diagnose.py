@@ -1,0 +1,221 @@
+"""Why a numba target is missed, measured in the same run as the target rows (kind = "diagnosis").
+
+- exp: the attention kernel's softmax needs one exp per causal score. `fexp` (numba) and `torch.exp` are
+  timed on the same count of elements, from an L2-resident buffer so neither is memory bound.
+- fixed cost: the same model at width 16 (same layers, loops and KV policy, almost no arithmetic) decodes
+  at the framework's fixed cost per token: Python and op dispatch for torch, parallel-region launches and
+  buffer bookkeeping for numba. The full-width time minus it is the arithmetic.
+- bandwidth: a parallel read of a buffer four times the last-level cache, the floor for streaming weights.
+
+`explain(rows)` turns these rows, with the op and model rows of the same run, into one sentence per missed
+target. Every number in the sentence is a measured row of this run or an analytic count from accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+from . import attention
+from .mathfn import fexp
+
+F32 = np.float32
+EXP_BUFFER = 65_536  # floats: 256 KiB, resident in L2 on the machines this targets
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _exp_repeated(src, dst, rounds):
+    n = src.shape[0]
+    chunk = 4096
+    for task in prange(rounds * (n // chunk)):
+        lo = (task % (n // chunk)) * chunk
+        for i in range(lo, lo + chunk):
+            dst[i] = fexp(src[i])
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _read_sum(buf):
+    n = buf.shape[0]
+    parts = 64
+    total = np.zeros(parts, np.float32)
+    for p in prange(parts):
+        acc = F32(0.0)
+        for i in range(p * (n // parts), (p + 1) * (n // parts)):
+            acc += buf[i]
+        total[p] = acc
+    return total.sum()
+
+
+def _median_s(fn: Any, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _row(name: str, backend: str, metric: str, unit: str, value: float, shape: str, source: str) -> dict[str, Any]:
+    import os
+
+    return dict(kind="diagnosis", name=name, backend=backend, metric=metric, unit=unit, value=value,
+                stat="median", n_samples=1, ci_low=math.nan, ci_high=math.nan, shape=shape, source=source,
+                loadavg_1m=os.getloadavg()[0])
+
+
+def exp_rows(batch: int, seq: int, heads: int, reps: int = 7) -> list[dict[str, Any]]:
+    """Time of the attention's exp count (B*H*T*(T+1)/2) in numba `fexp` and in `torch.exp`."""
+    import torch
+
+    count = batch * heads * seq * (seq + 1) // 2
+    rounds = max(count // EXP_BUFFER, 1)
+    src = np.random.default_rng(0).uniform(-10, 0, EXP_BUFFER).astype(F32)
+    dst = np.empty_like(src)
+    t_src, t_dst = torch.from_numpy(src), torch.from_numpy(dst.copy())
+
+    def torch_exp() -> None:
+        for _ in range(rounds):
+            torch.exp(t_src, out=t_dst)
+
+    shape = f"{rounds * EXP_BUFFER} exps (causal scores of B{batch} T{seq} H{heads})"
+    src_note = f"{EXP_BUFFER}-float buffer, {rounds} rounds"
+    return [_row(f"exp T{seq}", backend, "time_ms", "ms", _median_s(fn, reps) * 1e3, shape, src_note)
+            for backend, fn in (("numba", lambda: _exp_repeated(src, dst, rounds)), ("torch", torch_exp))]
+
+
+def bandwidth_row() -> dict[str, Any]:
+    """Parallel read bandwidth (GB/s) of a buffer 4x the last-level cache (at least 64 MiB)."""
+    from loopscope.bench.meters.calibration import last_level_cache_bytes
+
+    n = max(4 * last_level_cache_bytes(), 64 << 20) // 4
+    buf = np.ones(n, F32)
+    seconds = min(_median_s(lambda: _read_sum(buf), 5) for _ in range(2))
+    return _row("read bandwidth", "numba", "gb_per_s", "GB/s", 4 * n / seconds / 1e9, f"{4 * n >> 20} MiB",
+                "parallel read-sum, best of two medians")
+
+
+def fixed_cost_rows(cfg: Any, settings: Any, name: str) -> list[dict[str, Any]]:
+    """Batch-1 decode of the same model at width 16 (one 16-wide head): the per-token fixed cost."""
+    from loopscope.models import build
+
+    from .bench import decode_benchmark
+    from .engine import NumbaEngine
+
+    narrow = dataclasses.replace(cfg, d_model=16, n_heads=1, d_ff=None)
+    model = build(narrow, seed=0).eval()
+    rows = decode_benchmark(model, NumbaEngine.from_model(model), settings, f"fixed cost {name}")
+    for row in rows:
+        row["kind"] = "diagnosis"
+        row["shape"] = f"{row['shape']}, width 16 (same layers and loops)"
+    return rows
+
+
+def diagnosis_rows(settings: Any) -> list[dict[str, Any]]:
+    """Every diagnosis row for the full benchmark shapes: exp counts, fixed costs, weight sizes, bandwidth."""
+    from loopscope.bench.meters.calibration import last_level_cache_bytes
+    from loopscope.models import param_counts
+
+    from .bench import bench_configs
+
+    rows = [exp_rows(4, 512, 8), bandwidth_row()]
+    rows = rows[0] + rows[1:]
+    rows.append(_row("last-level cache", "numba", "bytes", "bytes", float(last_level_cache_bytes()), "",
+                     "sysfs / lscpu"))
+    for d, heads, _batch, seq in settings.model_shapes:
+        for name, cfg in bench_configs(d, heads, seq).items():
+            rows.append(_row(f"weights {name}", "numba", "bytes", "bytes", 4.0 * param_counts(cfg).unique, "",
+                             "unique float32 parameters (accounting)"))
+            rows += fixed_cost_rows(cfg, settings, name)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- explain
+def _value(rows: list[dict[str, Any]], kind: str, name: str, backend: str, metric: str = "time_ms") -> float:
+    for r in rows:
+        if (r.get("kind"), r.get("name"), r.get("backend"), r.get("metric")) == (kind, name, backend, metric):
+            return float(r["value"])
+    return math.nan
+
+
+def _attention_why(rows: list[dict[str, Any]], name: str, shape: str) -> str:
+    seq = int(name.rsplit("T", 1)[1])
+    numba_ms, torch_ms = _value(rows, "op", name, "numba"), _value(rows, "op", name, "torch")
+    exp_numba, exp_torch = _value(rows, "diagnosis", f"exp T{seq}", "numba"), _value(rows, "diagnosis",
+                                                                                      f"exp T{seq}", "torch")
+    gemm = max((float(r["value"]) for r in rows if r.get("kind") == "op" and r.get("backend") == "numba"
+                and str(r.get("name", "")).startswith("matmul") and r.get("metric") == "gflop_per_s"),
+               default=math.nan)
+    dims = dict(re.findall(r"(hd|B|T|H)(\d+)", shape))
+    b, t, h, hd = (int(dims[k]) for k in ("B", "T", "H", "hd"))
+    matmul_ms = attention.attention_flops(b, t, h, hd) / 1e9 / gemm * 1e3
+    rest = numba_ms - exp_numba - matmul_ms
+    return (f"numba {numba_ms:.1f} ms vs torch {torch_ms:.1f} ms. Its exps alone take {exp_numba:.1f} ms "
+            f"({exp_numba / numba_ms:.0%}; torch.exp does the same count in {exp_torch:.1f} ms), its QK^T and "
+            f"PV at the numba GEMM rate ({gemm:.0f} GFLOP/s) would take {matmul_ms:.1f} ms, leaving {rest:.1f} ms "
+            "of softmax bookkeeping (max, rescale, row sums) and K/V panel stores")
+
+
+def _decode_why(rows: list[dict[str, Any]], name: str, tokens: int) -> str:
+    short = name.removeprefix("decode ")
+    torch_ms, numba_ms = (_value(rows, "decode", name, b) / tokens for b in ("torch", "numba"))
+    torch_fix, numba_fix = (_value(rows, "diagnosis", f"decode fixed cost {short}", b) / tokens
+                            for b in ("torch", "numba"))
+    if not all(math.isfinite(v) for v in (torch_ms, numba_ms, torch_fix, numba_fix)):
+        return "not diagnosed: the fixed-cost rows for this model were not measured"
+    torch_math, numba_math = torch_ms - torch_fix, numba_ms - numba_fix
+    need = torch_ms / 2
+    text = (f"per token torch takes {torch_ms:.2f} ms = {torch_fix:.2f} ms fixed cost (the same model at width "
+            f"16) + {torch_math:.2f} ms arithmetic; numba {numba_ms:.2f} ms = {numba_fix:.2f} ms fixed + "
+            f"{numba_math:.2f} ms arithmetic. 2x needs {need:.2f} ms: "
+            + ("numba's arithmetic alone exceeds that" if numba_math > need else
+               f"numba's fixed cost would have to fall to {need - numba_math:.2f} ms"))
+    weights = _value(rows, "diagnosis", f"weights {short}", "numba", "bytes")
+    llc = _value(rows, "diagnosis", "last-level cache", "numba", "bytes")
+    bw = _value(rows, "diagnosis", "read bandwidth", "numba", "gb_per_s")
+    if math.isfinite(weights) and math.isfinite(llc) and math.isfinite(bw):
+        text += (f". The weights ({weights / 2**20:.1f} MiB) "
+                 + (f"fit in the last-level cache ({llc / 2**20:.0f} MiB), so DRAM bandwidth is not the limit"
+                    if weights <= llc else
+                    f"exceed the last-level cache ({llc / 2**20:.0f} MiB): streaming them at the measured "
+                    f"{bw:.1f} GB/s costs {weights / bw / 1e6:.2f} ms per token, a floor for both backends"))
+    return text
+
+
+def _prefill_why(rows: list[dict[str, Any]], name: str) -> str:
+    """The prefill ratio from its parts: GEMM and attention ratios of this run and attention's FLOP share."""
+    d = int(name.split()[1][1:])
+    seq = next((int(r["seq_len"]) for r in rows if r.get("name") == name and r.get("seq_len")), 0)
+    mm = [(str(r["name"]), float(r["time_ratio_vs_torch"])) for r in rows
+          if r.get("kind") == "op" and r.get("backend") == "numba" and r.get("metric") == "time_ms"
+          and str(r.get("name", "")).startswith("matmul")]
+    att = next((float(r["time_ratio_vs_torch"]) for r in rows if r.get("kind") == "op"
+                and r.get("backend") == "numba" and r.get("metric") == "time_ms"
+                and r.get("name") == f"causal attention T{seq}"), math.nan)
+    # per token and layer: 12 d^2 matmul multiply-adds x2, causal attention 2 d (T+1)
+    share = 2 * d * (seq + 1) / (24 * d * d + 2 * d * (seq + 1))
+    gemms = ", ".join(f"{n.removeprefix('matmul ')} {r:.2f}x" for n, r in mm)
+    return (f"numba/torch time: GEMMs {gemms}; causal attention at T{seq} {att:.2f}x; attention is "
+            f"{share:.0%} of this model's FLOPs at T{seq}, so its ratio weighs on the whole")
+
+
+def explain(rows: list[dict[str, Any]], target: dict[str, Any], decode_tokens: int) -> str:
+    """One sentence on why a target row is missed, from the measured rows of the same run."""
+    name = str(target["name"])
+    try:
+        if name.startswith("causal attention"):
+            return _attention_why(rows, name, str(target.get("shape", "")))
+        if name.startswith("decode"):
+            return _decode_why(rows, name, decode_tokens)
+        if name.startswith("prefill"):
+            return _prefill_why(rows, name)
+    except (ValueError, ZeroDivisionError, KeyError) as err:
+        return f"not diagnosed: {err}"
+    return ""

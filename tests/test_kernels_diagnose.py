@@ -1,0 +1,60 @@
+"""The diagnosis behind a missed numba target: its measurements run, and explain() reads them correctly."""
+
+from __future__ import annotations
+
+import math
+
+from loopscope.kernels import diagnose
+from loopscope.kernels.bench import QUICK, bench_configs, target_rows
+
+
+def _time(kind: str, name: str, backend: str, ms: float, **extra: object) -> dict:
+    return dict(kind=kind, name=name, backend=backend, metric="time_ms", value=ms, **extra)
+
+
+def test_exp_and_fixed_cost_measurements_give_finite_rows():
+    rows = diagnose.exp_rows(1, 64, 2, reps=2)
+    assert {r["backend"] for r in rows} == {"numba", "torch"}
+    assert all(r["kind"] == "diagnosis" and r["value"] > 0 for r in rows)
+    cfg = bench_configs(64, 2, 32)["d64 looped 2x4"]
+    fixed = diagnose.fixed_cost_rows(cfg, QUICK, "d64 looped 2x4")
+    names = {r["name"] for r in fixed}
+    assert names == {"decode fixed cost d64 looped 2x4"}
+    assert all(r["kind"] == "diagnosis" and math.isfinite(r["value"]) for r in fixed)
+
+
+def test_a_missed_attention_target_is_explained_by_its_parts():
+    rows = [_time("op", "causal attention T512", "numba", 90.0, time_ratio_vs_torch=1.8,
+                  shape="B4 T512 H8 hd64"),
+            _time("op", "causal attention T512", "torch", 50.0, time_ratio_vs_torch=1.0, shape="B4 T512 H8 hd64"),
+            _time("diagnosis", "exp T512", "numba", 30.0), _time("diagnosis", "exp T512", "torch", 10.0),
+            dict(kind="op", name="matmul K256 N768", backend="numba", metric="gflop_per_s", value=100.0)]
+    (target,) = target_rows(rows)
+    assert not target["met"] and math.isclose(target["margin"], 1.8 / 1.2)
+    flop = 4 * 4 * 8 * 64 * 512 * 513 / 2
+    matmul_ms = flop / 100e9 * 1e3
+    assert "exps alone take 30.0 ms (33%" in target["why"] and "in 10.0 ms" in target["why"]
+    assert f"would take {matmul_ms:.1f} ms, leaving {90 - 30 - matmul_ms:.1f} ms" in target["why"]
+
+
+def test_a_missed_decode_target_splits_fixed_cost_and_arithmetic():
+    name = "decode d256 dense 8x1"
+    rows = [_time("decode", name, "numba", 64.0, speedup_vs_torch=1.5), _time("decode", name, "torch", 96.0,
+                                                                              speedup_vs_torch=1.0),
+            _time("diagnosis", "decode fixed cost d256 dense 8x1", "numba", 16.0),
+            _time("diagnosis", "decode fixed cost d256 dense 8x1", "torch", 64.0),
+            dict(kind="diagnosis", name="weights d256 dense 8x1", backend="numba", metric="bytes", value=2.0**25),
+            dict(kind="diagnosis", name="last-level cache", backend="numba", metric="bytes", value=2.0**24),
+            dict(kind="diagnosis", name="read bandwidth", backend="numba", metric="gb_per_s", value=10.0)]
+    (target,) = target_rows(rows, decode_tokens=32)
+    why = target["why"]
+    assert "torch takes 3.00 ms = 2.00 ms fixed cost" in why and "numba 2.00 ms = 0.50 ms fixed + 1.50 ms" in why
+    assert "2x needs 1.50 ms: numba's fixed cost would have to fall to 0.00 ms" in why
+    assert f"costs {2**25 / 10e9 * 1e3:.2f} ms per token" in why
+
+
+def test_a_met_target_has_no_reason():
+    rows = [_time("model", "prefill d256 dense 8x1", "numba", 9.0, speedup_vs_torch=1.1, seq_len=256),
+            _time("model", "prefill d256 dense 8x1", "torch", 10.0, speedup_vs_torch=1.0, seq_len=256)]
+    (target,) = target_rows(rows)
+    assert target["met"] and target["why"] == ""
