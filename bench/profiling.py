@@ -297,26 +297,22 @@ def profile_torch(body: Callable[[Mark], None], *, root: str = "forward", device
     """Run `body(mark)` under torch.profiler (shapes, memory, FLOPs; CUDA kernels on a GPU): the trace, the top
     ops and the region allocations, and on a GPU the region times (GPU kernel time) and the mean NVML power.
 
-    On a CPU the region times come from a second, regions-only pass first (`regions_only_profiler`): recording
-    every aten op inflates small forwards 1.5-2x, recording the labels alone a few percent."""
+    On a CPU the region times come from a separate pass first, with the labels as wall-clock intervals
+    (`recording_regions`, about 1 us per label): under torch.profiler every aten op recorded inflates small
+    forwards 1.5-2x, and even a labels-only profiler costs about 10 us per label."""
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    from loopscope.models.regions import recording_regions
 
     on_gpu = device.startswith("cuda")
     light_bd, light_wall = None, {}
-    light = None if on_gpu else regions_only_profiler()
-    if light is not None:
-        marks = _Roots(sync, record_function)
-        try:
-            light.__enter__()
-        except (TypeError, RuntimeError):  # a torch whose private profiler API changed: the full pass only
-            light = None
-    if light is not None:
-        try:
-            _profiler_start()
+    if not on_gpu:
+        marks = _Roots(sync, lambda _name: nullcontext())
+        with recording_regions() as recorder:
             body(marks)
-        finally:
-            light.__exit__(None, None, None)
-        light_bd, light_wall = breakdown(spans_from_torch(light.function_events), root), dict(marks.wall)
+        intervals = [(name, t0 / 1e9, t1 / 1e9) for name, t0, t1 in recorder.intervals]
+        light_bd = breakdown(spans_from_intervals([*marks.intervals, *intervals]), root)
+        light_wall = dict(marks.wall)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     marks = _Roots(sync, record_function)
@@ -333,7 +329,8 @@ def profile_torch(body: Callable[[Mark], None], *, root: str = "forward", device
     bd = full if light_bd is None else dataclasses.replace(light_bd, alloc_bytes=full.alloc_bytes)
     passed = ProfiledPass(bd, top_ops(events, root, full.calls, device=on_gpu), dict(marks.wall), tool, trace_path,
                           region_wall_s=light_wall,
-                          region_tool=tool + (", regions-only pass" if light_bd is not None else ", full pass"))
+                          region_tool=("region labels as wall-clock intervals (perf_counter_ns), a pass of their own"
+                                       if light_bd is not None else tool + ", full pass"))
     if isinstance(power, _PowerWindow):
         passed.avg_power_w, passed.power_source = power.avg_power_w, power.source
     return passed
@@ -343,28 +340,6 @@ def _profiler_start() -> None:
     """A first labelled event: the profiler's start-up cost lands in it, not in the first call."""
     with torch.profiler.record_function("profiler_start"):
         torch.zeros(1)
-
-
-def regions_only_profiler() -> AbstractContextManager | None:
-    """A torch profiler that records user-scope ranges only (the region labels and the roots), not every aten
-    op; None where this torch does not offer it. Read its events from `.function_events` after it exits."""
-    from torch.autograd import profiler as autograd_profiler
-
-    try:
-        from torch._C._profiler import RecordScope
-        enable = autograd_profiler._enable_profiler
-        start_hook = autograd_profiler._run_on_profiler_start
-    except (ImportError, AttributeError):
-        return None
-
-    class RegionsOnly(autograd_profiler.profile):
-        def _start_trace(self) -> None:  # as the parent's, with the scope filter
-            self.entered = True
-            start_hook()
-            enable(self.config(create_trace_id=False), self.kineto_activities, {RecordScope.USER_SCOPE})
-            self.profiling_start_time_ns = time.perf_counter_ns()
-
-    return RegionsOnly(use_kineto=True)
 
 
 def profile_engine(engine: Any, body: Callable[[Mark], None], *, root: str = "forward",

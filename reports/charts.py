@@ -660,6 +660,10 @@ def stability_grid(run: RunData) -> Chart | Omitted:
     if len(lrs) < 2:
         only = f" (lr={lrs[0]:g})" if lrs else ""
         return Omitted(name, title, f"only one learning rate was trained{only}; the grid needs an lr sweep")
+    swept = st.groupby("model")["lr"].transform("nunique") >= 2
+    if swept.any():  # models trained at one lr only (the run's main comparison) would be rows of "not run"
+        st = st[swept]
+        lrs = sorted(st["lr"].dropna().unique())
     models = list(dict.fromkeys(st.sort_values(["family", "model"], key=lambda s: s.map(family_rank)
                                                if s.name == "family" else s)["model"]))
     loss = st.pivot_table(index="model", columns="lr", values="train_loss", aggfunc="first").reindex(
@@ -667,7 +671,7 @@ def stability_grid(run: RunData) -> Chart | Omitted:
     ok_loss = loss.where(st.pivot_table(index="model", columns="lr", values="status", aggfunc="first")
                          .reindex(index=models, columns=lrs) == "ok")
     fig, ax = plt.subplots(figsize=(1.3 * len(lrs) + 2.6, 0.55 * len(models) + 1.6), dpi=110)
-    sns.heatmap(ok_loss, ax=ax, cmap="crest", annot=False, cbar_kws={"label": "final train loss (converged)"},
+    sns.heatmap(ok_loss, ax=ax, cmap="crest", annot=False, cbar_kws={"label": "final train loss (finished runs)"},
                 linewidths=1, linecolor="white")
     for i, model in enumerate(models):
         for j, lr in enumerate(lrs):
@@ -677,7 +681,8 @@ def stability_grid(run: RunData) -> Chart | Omitted:
             else:
                 r = row.iloc[0]
                 if r["status"] == "ok":
-                    text, color = f"{r['train_loss']:.3f}", "white"
+                    degraded = "\ndegraded" if r["outcome"] == "degraded" else ""
+                    text, color = f"{r['train_loss']:.3f}{degraded}", "white"
                 else:
                     step = "" if pd.isna(r["diverged_step"]) else f"\nstep {int(r['diverged_step'])}"
                     text, color = f"{r['status']}{step}", "white"
@@ -699,7 +704,10 @@ def _grid_reading(st: pd.DataFrame, models: list[str]) -> str:
         div = sorted(g.loc[g["status"] == "diverged", "lr"])
         ok = g[g["status"] == "ok"]
         other = g[~g["status"].isin(("ok", "diverged"))]
-        text = f"{model}: {len(ok)} of {len(g)} converged"
+        degraded = sorted(g.loc[g["outcome"] == "degraded", "lr"])
+        text = f"{model}: {len(ok) - len(degraded)} of {len(g)} converged"
+        if degraded:
+            text += f", degraded at lr {', '.join(f'{x:g}' for x in degraded)}"
         if div:
             text += f", diverged at lr {', '.join(f'{x:g}' for x in div)}"
         if not other.empty:

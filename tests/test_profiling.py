@@ -19,7 +19,7 @@ import torch
 from loopscope.bench import profiling
 from loopscope.bench.profiling import ProfiledPass, Span, breakdown
 from loopscope.models import FAMILIES, build, kv_bytes_per_token
-from loopscope.models.regions import is_region, region
+from loopscope.models.regions import is_region, recording_regions, region
 from tests.conftest import run_cli
 from tests.fake_nvml import FakeGPU, FakeNVML
 
@@ -152,14 +152,15 @@ def _fastest_call_ratio(call) -> tuple[float, float]:
             t0 = time.perf_counter()
             call()
             unprofiled.append((time.perf_counter() - t0) * 1e3)
-        light = profiling.regions_only_profiler()
-        assert light is not None
-        with light:
+        roots = []
+        with recording_regions() as recorder:
             call()
             for _ in range(5):
-                with torch.profiler.record_function("forward"):
-                    call()
-        profiled += [r for r in profiling.spans_from_torch(light.function_events) if r.name == "forward"]
+                t0 = time.perf_counter()
+                call()
+                roots.append(("forward", t0, time.perf_counter()))
+        intervals = [(name, t0 / 1e9, t1 / 1e9) for name, t0, t1 in recorder.intervals]
+        profiled += [r for r in profiling.spans_from_intervals([*roots, *intervals]) if r.name == "forward"]
     assert len(profiled) == len(unprofiled) == 15
     fastest = min(profiled, key=lambda span: span.duration_us)
     assert {c.name for c in fastest.children} == {"embed", "prelude", "injection", "loop[0]", "loop[1]", "loop[2]",
@@ -455,11 +456,10 @@ def test_run_with_trace_end_to_end(write_profile, tmp_path: Path) -> None:
     assert "Where the time goes: top 10 ops" in md and "traces/" in md
 
 
-def test_without_the_regions_only_profiler_the_full_pass_gives_the_regions(monkeypatch) -> None:
-    monkeypatch.setattr(profiling, "regions_only_profiler", lambda: None)
+def test_the_region_pass_is_separate_from_the_trace_pass_on_cpu() -> None:
     model = build("parcae-micro", seed=0).eval()
     passed = _profile(_forward(model, torch.randint(0, 256, (2, 16))))
-    assert passed.region_tool.endswith("full pass") and not passed.region_wall_s
+    assert passed.region_tool.startswith("region labels as wall-clock intervals") and passed.region_wall_s
     assert len(passed.breakdown.loop_ms) == LOOPS and passed.breakdown.coverage > 0.5
     overhead = pd.DataFrame(profiling.pass_rows(passed, timed_median_s=1e-3))
-    assert set(overhead.loc[overhead["metric"] == "profile_overhead", "stat"]) == {"trace"}
+    assert set(overhead.loc[overhead["metric"] == "profile_overhead", "stat"]) == {"trace", "regions"}

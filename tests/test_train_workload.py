@@ -107,6 +107,14 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     assert [type(o).__name__ for o in opt.parts] == ["AdamW", "Muon"]
 
 
+def test_epochs_are_training_tokens_over_the_split(ctx):
+    result = train.run(_cell("gpt-micro", steps=3), ctx)
+    rows = {r["metric"]: r for r in result.rows}
+    split = int(rows["train_epochs"]["source"].split("the ")[1].split("-token")[0].replace(",", ""))
+    assert rows["train_epochs"]["value"] == pytest.approx(3 * 4 * 32 / split)
+    assert 100_000 < split < 200_000  # max_bytes 200k, minus the held-out share
+
+
 def test_muon_training_lowers_the_loss(ctx):
     result = train.run(_cell("gpt-micro", steps=30, optimizer="muon"), ctx)
     losses = _losses(result)

@@ -161,6 +161,9 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
                                   source=f"training objective ({objective}), mean of the last {len(tail)} steps"))
     result.rows.append(metric_row("train_tokens", steps * cell.batch * cell.seq_len, "tokens", source="budget"))
     result.rows.append(metric_row("train_steps", steps, "steps", source="budget"))
+    result.rows.append(metric_row("train_epochs", steps * cell.batch * cell.seq_len / len(tok.train), "epochs",
+                                  source=f"training tokens / the {len(tok.train):,}-token training split (above 1: "
+                                         "windows repeat)"))
     result.rows.append(metric_row("loss_spikes", spikes, "count",
                                   source=f"loss > {train['spike_factor']} x running median"))
     timed = step_times[1:] if len(step_times) > 1 else step_times  # the first step pays allocation
