@@ -6,6 +6,9 @@
   at the framework's fixed cost per token: Python and op dispatch for torch, parallel-region launches and
   buffer bookkeeping for numba. The full-width time minus it is the arithmetic.
 - bandwidth: a parallel read of a buffer four times the last-level cache, the floor for streaming weights.
+- prefill split: one model prefill per backend, its time split into matmuls, attention and the other ops:
+  numba's kernels timed one by one (`TimedKernels`), torch's ops by torch.profiler self time; what neither
+  accounts for is the time between kernels (Python and dispatch).
 
 `explain(rows)` turns these rows, with the op and model rows of the same run, into one sentence per missed
 target. Every number in the sentence is a measured row of this run or an analytic count from accounting.
@@ -118,10 +121,81 @@ def fixed_cost_rows(cfg: Any, settings: Any, name: str) -> list[dict[str, Any]]:
     return rows
 
 
+class TimedKernels:
+    """The engine's kernel set with every call timed (seconds summed per kernel name)."""
+
+    def __init__(self, kernels: Any) -> None:
+        self._kernels = kernels
+        self.seconds: dict[str, float] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._kernels, name)
+        if not callable(fn):
+            return fn
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return timed
+
+
+def _category(op: str) -> str:
+    if "matmul" in op or op in ("aten::mm", "aten::addmm", "aten::bmm"):
+        return "matmul"
+    if "attention" in op or op == "store_kv":
+        return "attention"
+    return "other"
+
+
+def prefill_split_rows(model: Any, engine: Any, idx: np.ndarray, name: str, reps: int = 3) -> list[dict[str, Any]]:
+    """ms per prefill in matmuls, attention, other ops and between kernels, for numba and torch eager."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    shape = f"B{idx.shape[0]} T{idx.shape[1]}"
+    own = engine.kernels
+    timed = TimedKernels(own)
+    engine.kernels = timed
+    try:
+        engine.prefill(idx)
+        timed.seconds.clear()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            engine.prefill(idx)
+        wall = (time.perf_counter() - t0) / reps
+    finally:
+        engine.kernels = own
+    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for op, sec in timed.seconds.items():
+        split[_category(op)] += sec / reps
+    split["between"] = wall - sum(split.values())
+    rows += [_row(f"prefill split {name}", "numba", f"{k}_ms", "ms", v * 1e3, shape,
+                  "engine kernels timed one by one (perf_counter)") for k, v in split.items()]
+
+    idx_t = torch.from_numpy(idx)
+    with torch.inference_mode():
+        model(idx_t)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                model(idx_t)
+            wall = (time.perf_counter() - t0) / reps
+    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for ev in prof.key_averages():
+        split[_category(ev.key)] += ev.self_cpu_time_total / 1e6 / reps
+    split["between"] = wall - sum(split.values())
+    rows += [_row(f"prefill split {name}", "torch", f"{k}_ms", "ms", v * 1e3, shape,
+                  "torch.profiler self CPU time per op (profiled calls)") for k, v in split.items()]
+    return rows
+
+
 def diagnosis_rows(settings: Any) -> list[dict[str, Any]]:
     """Every diagnosis row for the full benchmark shapes: exp counts, fixed costs, weight sizes, bandwidth."""
     from loopscope.bench.meters.calibration import last_level_cache_bytes
-    from loopscope.models import param_counts
+    from loopscope.models import effective_depth, flops_per_token, param_counts
 
     from .bench import bench_configs
 
@@ -129,11 +203,21 @@ def diagnosis_rows(settings: Any) -> list[dict[str, Any]]:
     rows = rows[0] + rows[1:]
     rows.append(_row("last-level cache", "numba", "bytes", "bytes", float(last_level_cache_bytes()), "",
                      "sysfs / lscpu"))
-    for d, heads, _batch, seq in settings.model_shapes:
+    from loopscope.models import build
+
+    from .engine import NumbaEngine
+
+    for d, heads, batch, seq in settings.model_shapes:
+        idx = np.random.default_rng(0).integers(0, 256, (batch, seq)).astype(np.int64)
         for name, cfg in bench_configs(d, heads, seq).items():
             rows.append(_row(f"weights {name}", "numba", "bytes", "bytes", 4.0 * param_counts(cfg).unique, "",
                              "unique float32 parameters (accounting)"))
+            per_token = (flops_per_token(cfg, seq, mode="forward") - 4 * d * seq * effective_depth(cfg)) / 2
+            rows.append(_row(f"weights read per token {name}", "numba", "bytes", "bytes", 4.0 * per_token, "",
+                             "float32 weight elements applied per token, shared weights once per loop (accounting)"))
             rows += fixed_cost_rows(cfg, settings, name)
+            model = build(cfg, seed=0).eval()
+            rows += prefill_split_rows(model, NumbaEngine.from_model(model), idx, name)
     return rows
 
 
@@ -178,32 +262,33 @@ def _decode_why(rows: list[dict[str, Any]], name: str, tokens: int) -> str:
             + ("numba's arithmetic alone exceeds that" if numba_math > need else
                f"numba's fixed cost would have to fall to {need - numba_math:.2f} ms"))
     weights = _value(rows, "diagnosis", f"weights {short}", "numba", "bytes")
+    read = _value(rows, "diagnosis", f"weights read per token {short}", "numba", "bytes")
     llc = _value(rows, "diagnosis", "last-level cache", "numba", "bytes")
     bw = _value(rows, "diagnosis", "read bandwidth", "numba", "gb_per_s")
-    if math.isfinite(weights) and math.isfinite(llc) and math.isfinite(bw):
-        text += (f". The weights ({weights / 2**20:.1f} MiB) "
-                 + (f"fit in the last-level cache ({llc / 2**20:.0f} MiB), so DRAM bandwidth is not the limit"
-                    if weights <= llc else
-                    f"exceed the last-level cache ({llc / 2**20:.0f} MiB): streaming them at the measured "
-                    f"{bw:.1f} GB/s costs {weights / bw / 1e6:.2f} ms per token, a floor for both backends"))
+    if all(math.isfinite(v) for v in (weights, read, llc, bw)):
+        where = "fit in" if weights <= llc else "exceed"
+        text += (f". Per token both read {read / 2**20:.1f} MiB of weights (unique: {weights / 2**20:.1f} MiB, "
+                 f"which {where} the {llc / 2**20:.0f} MiB last-level cache): numba's arithmetic runs at "
+                 f"{read / numba_math / 1e6:.1f} GB/s of weights, torch's at {read / torch_math / 1e6:.1f} GB/s "
+                 f"(a parallel read from DRAM measured {bw:.1f} GB/s)")
     return text
 
 
 def _prefill_why(rows: list[dict[str, Any]], name: str) -> str:
-    """The prefill ratio from its parts: GEMM and attention ratios of this run and attention's FLOP share."""
-    d = int(name.split()[1][1:])
-    seq = next((int(r["seq_len"]) for r in rows if r.get("name") == name and r.get("seq_len")), 0)
-    mm = [(str(r["name"]), float(r["time_ratio_vs_torch"])) for r in rows
-          if r.get("kind") == "op" and r.get("backend") == "numba" and r.get("metric") == "time_ms"
-          and str(r.get("name", "")).startswith("matmul")]
-    att = next((float(r["time_ratio_vs_torch"]) for r in rows if r.get("kind") == "op"
-                and r.get("backend") == "numba" and r.get("metric") == "time_ms"
-                and r.get("name") == f"causal attention T{seq}"), math.nan)
-    # per token and layer: 12 d^2 matmul multiply-adds x2, causal attention 2 d (T+1)
-    share = 2 * d * (seq + 1) / (24 * d * d + 2 * d * (seq + 1))
-    gemms = ", ".join(f"{n.removeprefix('matmul ')} {r:.2f}x" for n, r in mm)
-    return (f"numba/torch time: GEMMs {gemms}; causal attention at T{seq} {att:.2f}x; attention is "
-            f"{share:.0%} of this model's FLOPs at T{seq}, so its ratio weighs on the whole")
+    """Where the two backends' prefill times differ: matmuls, attention, other ops, time between kernels."""
+    short = name.removeprefix("prefill ")
+    parts = ("matmul", "attention", "other", "between")
+    numba = {k: _value(rows, "diagnosis", f"prefill split {short}", "numba", f"{k}_ms") for k in parts}
+    torch_ = {k: _value(rows, "diagnosis", f"prefill split {short}", "torch", f"{k}_ms") for k in parts}
+    if not all(math.isfinite(v) for v in (*numba.values(), *torch_.values())):
+        return "not diagnosed: the prefill split for this model was not measured"
+    gaps = {k: numba[k] - torch_[k] for k in parts}
+    worst = max(gaps, key=gaps.get)
+    labels = {"matmul": "matmuls", "attention": "attention", "other": "other ops",
+              "between": "between kernels (Python, dispatch)"}
+    text = "; ".join(f"{labels[k]} {numba[k]:.1f} vs {torch_[k]:.1f}" for k in parts)
+    return (f"ms per prefill, numba vs torch (in a timed split pass): {text}. The largest gap is "
+            f"{labels[worst]}, {gaps[worst]:+.1f} ms")
 
 
 def explain(rows: list[dict[str, Any]], target: dict[str, Any], decode_tokens: int) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from loopscope.kernels import diagnose
 from loopscope.kernels.bench import QUICK, bench_configs, target_rows
 
@@ -44,13 +46,42 @@ def test_a_missed_decode_target_splits_fixed_cost_and_arithmetic():
             _time("diagnosis", "decode fixed cost d256 dense 8x1", "numba", 16.0),
             _time("diagnosis", "decode fixed cost d256 dense 8x1", "torch", 64.0),
             dict(kind="diagnosis", name="weights d256 dense 8x1", backend="numba", metric="bytes", value=2.0**25),
+            dict(kind="diagnosis", name="weights read per token d256 dense 8x1", backend="numba", metric="bytes",
+                 value=2.0**25),
             dict(kind="diagnosis", name="last-level cache", backend="numba", metric="bytes", value=2.0**24),
             dict(kind="diagnosis", name="read bandwidth", backend="numba", metric="gb_per_s", value=10.0)]
     (target,) = target_rows(rows, decode_tokens=32)
     why = target["why"]
     assert "torch takes 3.00 ms = 2.00 ms fixed cost" in why and "numba 2.00 ms = 0.50 ms fixed + 1.50 ms" in why
     assert "2x needs 1.50 ms: numba's fixed cost would have to fall to 0.00 ms" in why
-    assert f"costs {2**25 / 10e9 * 1e3:.2f} ms per token" in why
+    assert "read 32.0 MiB of weights (unique: 32.0 MiB, which exceed the 16 MiB last-level cache)" in why
+    assert f"numba's arithmetic runs at {2**25 / 1.5e6:.1f} GB/s" in why and "measured 10.0 GB/s" in why
+
+
+def test_a_missed_prefill_target_names_the_largest_gap():
+    name = "prefill d256 dense 8x1"
+    rows = [_time("model", name, "numba", 12.0, speedup_vs_torch=0.8, seq_len=256),
+            _time("model", name, "torch", 10.0, speedup_vs_torch=1.0, seq_len=256)]
+    split = {"numba": (6.0, 3.0, 2.0, 1.0), "torch": (6.5, 1.0, 1.5, 1.0)}
+    for backend, values in split.items():
+        rows += [dict(kind="diagnosis", name="prefill split d256 dense 8x1", backend=backend, metric=f"{k}_ms",
+                      value=v) for k, v in zip(("matmul", "attention", "other", "between"), values, strict=True)]
+    (target,) = target_rows(rows)
+    assert "matmuls 6.0 vs 6.5; attention 3.0 vs 1.0" in target["why"]
+    assert target["why"].endswith("The largest gap is attention, +2.0 ms")
+
+
+def test_the_prefill_split_adds_up_to_the_call():
+    from loopscope.kernels.engine import NumbaEngine
+    from loopscope.models import build
+
+    model = build(bench_configs(64, 2, 32)["d64 looped 2x4"], seed=0).eval()
+    idx = np.zeros((2, 32), np.int64)
+    rows = diagnose.prefill_split_rows(model, NumbaEngine.from_model(model), idx, "x", reps=2)
+    for backend in ("numba", "torch"):
+        parts = {r["metric"]: r["value"] for r in rows if r["backend"] == backend}
+        assert set(parts) == {"matmul_ms", "attention_ms", "other_ms", "between_ms"}
+        assert parts["matmul_ms"] > 0 and parts["attention_ms"] > 0, (backend, parts)
 
 
 def test_a_met_target_has_no_reason():
