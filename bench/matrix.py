@@ -25,7 +25,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"tokens": 200_000, "batch": 8, "seq_len": 128, "lr": 3e-3, "warmup_frac": 0.05,
               "cooldown_frac": 0.5, "weight_decay": 0.0, "grad_clip": 1.0, "betas": [0.9, 0.95],
               "log_every": 1, "checkpoint_every": 0, "spike_factor": 1.5},
-    "eval": {"max_tokens": 65_536, "seeds": 1, "batch": 8},
+    "eval": {"max_tokens": 65_536, "seeds": 3, "batch": 8},  # seeds: h0 draws for parcae and rdm
     "measure": {"min_time_s": 1.0, "min_count": 5, "warmup": 1, "energy": True, "memory": True,
                 "energy_window_s": 5.0},
     "decode": {"prompt_len": 64, "new_tokens": 32},

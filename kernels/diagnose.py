@@ -94,6 +94,16 @@ def exp_rows(batch: int, seq: int, heads: int, reps: int = 7) -> list[dict[str, 
             for backend, fn in (("numba", lambda: _exp_repeated(src, dst, rounds)), ("torch", torch_exp))]
 
 
+def store_kv_row(batch: int, seq: int, heads: int, head_dim: int, reps: int = 7) -> dict[str, Any]:
+    """Time of writing K and V into the cache panels, the part of the numba attention op that is not attention."""
+    qkv = np.random.default_rng(0).standard_normal((batch * seq, 3 * heads * head_dim)).astype(F32)
+    k_shape, v_shape = attention.kv_cache_shapes(batch, heads, seq, head_dim)
+    kp, vp = np.zeros(k_shape, F32), np.zeros(v_shape, F32)
+    ms = _median_s(lambda: attention.store_kv(qkv, seq, 0, heads, head_dim, kp, vp), reps) * 1e3
+    return _row(f"store_kv T{seq}", "numba", "time_ms", "ms", ms, f"B{batch} T{seq} H{heads} hd{head_dim}",
+                "K/V panel stores alone")
+
+
 def bandwidth_row() -> dict[str, Any]:
     """Parallel read bandwidth (GB/s) of a buffer 4x the last-level cache (at least 64 MiB)."""
     from loopscope.bench.meters.calibration import last_level_cache_bytes
@@ -199,8 +209,7 @@ def diagnosis_rows(settings: Any) -> list[dict[str, Any]]:
 
     from .bench import bench_configs
 
-    rows = [exp_rows(4, 512, 8), bandwidth_row()]
-    rows = rows[0] + rows[1:]
+    rows = [*exp_rows(4, 512, 8), store_kv_row(4, 512, 8, 64), bandwidth_row()]
     rows.append(_row("last-level cache", "numba", "bytes", "bytes", float(last_level_cache_bytes()), "",
                      "sysfs / lscpu"))
     from loopscope.models import build
@@ -240,11 +249,15 @@ def _attention_why(rows: list[dict[str, Any]], name: str, shape: str) -> str:
     dims = dict(re.findall(r"(hd|B|T|H)(\d+)", shape))
     b, t, h, hd = (int(dims[k]) for k in ("B", "T", "H", "hd"))
     matmul_ms = attention.attention_flops(b, t, h, hd) / 1e9 / gemm * 1e3
-    rest = numba_ms - exp_numba - matmul_ms
-    return (f"numba {numba_ms:.1f} ms vs torch {torch_ms:.1f} ms. Its exps alone take {exp_numba:.1f} ms "
-            f"({exp_numba / numba_ms:.0%}; torch.exp does the same count in {exp_torch:.1f} ms), its QK^T and "
-            f"PV at the numba GEMM rate ({gemm:.0f} GFLOP/s) would take {matmul_ms:.1f} ms, leaving {rest:.1f} ms "
-            "of softmax bookkeeping (max, rescale, row sums) and K/V panel stores")
+    stores = _value(rows, "diagnosis", f"store_kv T{seq}", "numba")
+    stores = 0.0 if math.isnan(stores) else stores
+    rest = numba_ms - exp_numba - matmul_ms - stores
+    return (f"numba {numba_ms:.1f} ms vs torch {torch_ms:.1f} ms. Of numba's time its exps alone take "
+            f"{exp_numba:.1f} ms ({exp_numba / numba_ms:.0%}; torch.exp does the same count in {exp_torch:.1f} ms), "
+            f"the K/V panel stores {stores:.1f} ms, and QK^T and PV at the numba GEMM rate ({gemm:.0f} GFLOP/s) "
+            f"would take {matmul_ms:.1f} ms; the other {rest:.1f} ms is the score and PV tiles running below the "
+            "GEMM rate plus the online-softmax bookkeeping (max, rescale, row sums), which this run does not "
+            "separate")
 
 
 def _decode_why(rows: list[dict[str, Any]], name: str, tokens: int) -> str:

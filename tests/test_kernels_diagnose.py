@@ -36,7 +36,8 @@ def test_a_missed_attention_target_is_explained_by_its_parts():
     flop = 4 * 4 * 8 * 64 * 512 * 513 / 2
     matmul_ms = flop / 100e9 * 1e3
     assert "exps alone take 30.0 ms (33%" in target["why"] and "in 10.0 ms" in target["why"]
-    assert f"would take {matmul_ms:.1f} ms, leaving {90 - 30 - matmul_ms:.1f} ms" in target["why"]
+    assert "the K/V panel stores 0.0 ms" in target["why"]
+    assert f"would take {matmul_ms:.1f} ms; the other {90 - 30 - matmul_ms:.1f} ms" in target["why"]
 
 
 def test_a_missed_decode_target_splits_fixed_cost_and_arithmetic():
