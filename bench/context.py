@@ -15,6 +15,7 @@ class RunContext:
     calibration: dict[str, Any] = field(default_factory=dict)
     trace: bool = False
     threads: int = 0  # 0: leave the libraries' defaults
+    numba_threading: str = ""  # numba's threading layer in the workers; "": loopscope's default (workqueue)
 
     @property
     def checkpoints_dir(self) -> Path:

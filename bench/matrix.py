@@ -20,7 +20,7 @@ from loopscope.profiles.loader import BACKENDS, DTYPES, KV_POLICIES, WORKLOADS, 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "profile": {"seed": 0, "timeout_s": 900.0, "memory_limit_gb": 16.0, "calibration": "full",
-                "threads": 0, "trace": False},
+                "threads": 0, "trace": False, "numba_threading": ""},
     "data": {"corpus": "default", "max_bytes": 8_000_000, "tokenizer": "bytes"},
     "train": {"tokens": 200_000, "batch": 8, "seq_len": 128, "lr": 3e-3, "warmup_frac": 0.05,
               "cooldown_frac": 0.5, "weight_decay": 0.0, "grad_clip": 1.0, "betas": [0.9, 0.95],
@@ -32,6 +32,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 RANDOM_STATE_FAMILIES = ("parcae", "rdm")  # random h0: evaluate over several seeds
 DEFAULT_EVAL_LOOPS = [1, 2, 4, 8, 16, 32]  # test-time loop counts when an eval sweep names none
+NUMBA_THREADING_LAYERS = ("", "omp", "workqueue", "tbb")  # "": loopscope's default, workqueue
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,9 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
         errors.append(f"{profile.path}: {err}")
         vocab = None
     configs = _model_configs(profile, names, vocab, errors)
+    if run["numba_threading"] not in NUMBA_THREADING_LAYERS:
+        errors.append(f"{profile.path}: profile.numba_threading = {run['numba_threading']!r}: expected one of "
+                      f"{', '.join(NUMBA_THREADING_LAYERS[1:])}")
     optimizer = settings["train"].get("optimizer", "adamw")  # not in DEFAULTS: existing cell ids stay the same
     if optimizer not in OPTIMIZERS:
         errors.append(f"{profile.path}: train.optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
@@ -244,6 +248,8 @@ def _make_cell(axes: dict[str, Any], configs: dict[str, dict[str, Any]],
         extra = {"measure": measure}
         if workload == "decode":
             extra["decode"] = settings["decode"]
+        if run["numba_threading"] and axes["backend"].startswith("numba"):
+            extra["numba_threading"] = run["numba_threading"]  # part of the cell: it changes what is measured
         loops = axes["loops_test"] if looped else None
         kv = (axes["kv_policy"] or "per-loop") if (workload == "decode" and looped) else None
         if workload == "decode":  # seq_len is the context: the prompt plus the generated tokens
@@ -258,5 +264,8 @@ def _make_cell(axes: dict[str, Any], configs: dict[str, dict[str, Any]],
         return Cell(**base, batch=axes["batch"] or 1, seq_len=seq_len, loops_test=loops, kv_policy=kv,
                     settings=extra)
     if workload == "kernels":
-        return Cell(**base, settings={"measure": settings["measure"]})
+        extra = {"measure": settings["measure"]}
+        if run["numba_threading"]:
+            extra["numba_threading"] = run["numba_threading"]
+        return Cell(**base, settings=extra)
     return None

@@ -118,6 +118,8 @@ def _manifest(store: RunStore, profile: Profile, cells: list[Cell], ctx: RunCont
         "versions": fp.get("versions", {"python": platform.python_version()}),
         "git": fp.get("git", {}),
         "calibration": ctx.calibration,
+        "workers": {"threads": ctx.threads or "library defaults",
+                    "numba_threading_layer": ctx.numba_threading or "workqueue (loopscope default)"},
         "corpus": {"name": corpus.name, "train_bytes": int(len(corpus.train)),
                    "val_bytes": int(len(corpus.val)), "val_sha256": corpus.val_hash,
                    "description": corpus.description},
@@ -163,7 +165,8 @@ def _run_locked(store: RunStore, profile: Profile, cells: list[Cell], opts: RunO
     device_class = old.get("fingerprint", {}).get("device_class") or detect_device_class().name
     calibration = old.get("calibration") or _calibrate(settings, settings.get("device", "cpu"), out)
     ctx = RunContext(run_dir=str(store.run_dir), device_class=device_class, calibration=calibration,
-                     trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]))
+                     trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]),
+                     numba_threading=str(settings["numba_threading"]))
     store.write_manifest(_manifest(store, profile, cells, ctx, old))
     print(f"running {len(pending)} of {len(cells)} cells into {store.run_dir}", file=out)
 

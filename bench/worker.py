@@ -12,6 +12,7 @@ import time
 _T_START = time.perf_counter()
 
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,8 +28,21 @@ def _status_of(err: BaseException) -> str:
     return "error"
 
 
+def apply_numba_threading(layer: str) -> None:
+    """Choose numba's threading layer for this process (the profile's `numba_threading`); it must happen
+    before the first parallel kernel runs. loopscope.kernels keeps a user-set NUMBA_THREADING_LAYER."""
+    if not layer:
+        return
+    os.environ["NUMBA_THREADING_LAYER"] = layer
+    if "numba" in sys.modules:
+        from numba.core import config
+
+        config.reload_config()
+
+
 def main(job_dir: str) -> int:
     job = Path(job_dir)
+    apply_numba_threading(json.loads((job / "context.json").read_text()).get("numba_threading", ""))
     from loopscope.bench.context import RunContext
     from loopscope.bench.matrix import Cell
     from loopscope.bench.store import atomic_write_text, dumps

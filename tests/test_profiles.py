@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from loopscope.bench.errors import ConfigError
@@ -113,3 +117,17 @@ def test_cli_dry_run_prints_the_matrix():
     proc = run_cli("run", "--profile", "ci", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "train gpt-micro" in proc.stdout and "eval parcae-micro" in proc.stdout and "cells" in proc.stdout
+
+
+def test_profile_numba_threading_is_validated_and_reaches_the_worker(write_profile):
+    bad = write_profile('[profile]\nnumba_threading = "fast"\n[[sweep]]\nmodel = "gpt-micro"\nworkload = "prefill"\n')
+    with pytest.raises(ConfigError, match=r"profile.numba_threading = 'fast': expected one of omp, workqueue, tbb"):
+        expand(load_profile(str(bad)))
+    script = ("from loopscope.bench.worker import apply_numba_threading; apply_numba_threading('omp'); "
+              "import numpy as np, numba; from loopscope.kernels import ops_cpu; x = np.ones((4, 64), np.float32); "
+              "ops_cpu.rmsnorm_rows(x, np.ones(64, np.float32), np.float32(1e-5), np.empty_like(x)); "
+              "print(numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "omp"
