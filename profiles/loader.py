@@ -25,7 +25,7 @@ NUM = (int, float)
 SETTINGS_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
     "profile": {"description": (str,), "extends": (str,), "seed": (int,), "timeout_s": NUM,
                 "memory_limit_gb": NUM, "device": (str,), "calibration": (str,), "threads": (int,),
-                "trace": (bool,)},
+                "trace": (bool,), "numba_threading": (str,)},
     "data": {"corpus": (str,), "max_bytes": (int,), "tokenizer": (str,)},
     "train": {"tokens": (int,), "tokens_per_param": NUM, "flops": NUM, "batch": (int,),
               "seq_len": (int,), "lr": NUM, "warmup_frac": NUM, "cooldown_frac": NUM,
