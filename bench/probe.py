@@ -70,5 +70,15 @@ def parse_example(example: str) -> tuple[dict[str, str], str, int, str]:
     return mapping, head[0], int(head[1:]), answer
 
 
+def baselines(examples: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """Accuracies a model reaches without chasing any pointer, on these examples: "chance" (a uniform guess
+    among the symbols) and "echo start" (answering the start letter, right whenever x lies on a cycle of
+    f whose length divides k: a shortcut a model can learn from the answers alone)."""
+    parsed = [parse_example(ex) for ex in examples]
+    echo = sum(start == answer for _, start, _, answer in parsed) / len(parsed)
+    chance = sum(1.0 / len(mapping) for mapping, _, _, _ in parsed) / len(parsed)
+    return {"chance": chance, "echo start": echo}
+
+
 def probe_splits(spec: ProbeSpec, seed: int = 0) -> tuple[list[str], list[str]]:
     return make_examples(spec.train_examples, spec, seed), make_examples(spec.test_examples, spec, seed + 1)

@@ -20,6 +20,14 @@ def probe_accuracy(run: RunData) -> Chart | Omitted:
     for (model, family), g in df.groupby(["model", "family"], sort=False):
         style = "o--" if family == "gpt" else "o-"
         ax.plot(g["effective_depth"], g["value"], style, label=f"{model} ({family})")
+    res = run.results
+    base = res[(res["metric"] == "probe_baseline") & (res["status"] == "ok")]
+    levels = {}
+    for name, style in (("echo start", "--"), ("chance", ":")):
+        values = base.loc[base["stat"] == name, "value"]
+        if not values.empty:
+            levels[name] = float(values.median())
+            ax.axhline(levels[name], color="grey", ls=style, lw=1, label=f"baseline: {name}")
     ax.set_xlabel("effective depth (layers run per token: P + T*R + C, or dense layers)")
     ax.set_ylabel("answer accuracy (held-out k-hop examples)")
     ax.set_ylim(0, 1.02)
@@ -28,6 +36,10 @@ def probe_accuracy(run: RunData) -> Chart | Omitted:
     reading = (f"Best: {best['model']} at depth {int(best['effective_depth'])} with {best['value']:.1%}; "
                + "; ".join(f"{m} {g['value'].min():.1%} to {g['value'].max():.1%}"
                            for m, g in df.groupby("model")) + ".")
+    if levels:
+        reading += (" Without chasing any pointer a model scores "
+                    + " and ".join(f"{v:.1%} ({k})" for k, v in levels.items())
+                    + (": no model here is above that." if best["value"] <= max(levels.values()) + 0.02 else "."))
     return Chart("probe_accuracy", title, fig, reading)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from loopscope.bench.corpus import load_corpus
 from loopscope.bench.errors import ConfigError
-from loopscope.bench.probe import ProbeSpec, chase, make_examples, parse_example
+from loopscope.bench.probe import ProbeSpec, baselines, chase, make_examples, parse_example
 from loopscope.bench.workloads.evaluate import probe_accuracy
 
 
@@ -67,3 +67,13 @@ def test_accuracy_of_an_oracle_and_of_a_constant_guess():
     counts = probe_accuracy(AlwaysA(), examples, batch=7, device="cpu")
     expected = sum(parse_example(e)[3] == "a" for e in examples)
     assert sum(c for c, _ in counts.values()) == expected < 40
+
+
+def test_baselines_count_the_start_letter_shortcut():
+    # f: a->b, b->a, c->c. a2 = a (echo right), a1 = b (echo wrong), c1 = c (echo right), c3 = c (echo right)
+    examples = ["abbacc|a2=a\n", "abbacc|a1=b\n", "abbacc|c1=c\n", "abbacc|c3=c\n"]
+    assert baselines(examples) == {"chance": pytest.approx(1 / 3), "echo start": 0.75}
+    examples = make_examples(2000, ProbeSpec(symbols=5, max_hops=3), seed=3)
+    echo = baselines(examples)["echo start"]
+    # x lies on a cycle of length L with probability 1/5 for each L: k=1 -> 1/5, k=2 -> 2/5, k=3 -> 2/5
+    assert echo == pytest.approx(1 / 3, abs=0.03)

@@ -32,6 +32,19 @@ def test_probe_accuracy_chart_reads_its_numbers():
     chart = probe_accuracy(run)
     assert isinstance(chart, Chart)
     assert "parcae-micro at depth 6 with 55.0%" in chart.reading  # the per-hop row is not the overall accuracy
+    assert "Without chasing" not in chart.reading
+    plt.close(chart.figure)
+
+
+def test_probe_chart_draws_the_shortcut_baselines_and_says_when_nobody_beats_them():
+    base = [{"cell_id": c, "model": "gpt-micro", "family": "gpt", "metric": "probe_baseline", "stat": name,
+             "value": v, "status": "ok", "workload": "eval"} for c in ("a", "b") for name, v in
+            (("echo start", 0.33), ("chance", 0.2))]
+    run = _run([_acc("a", "gpt-micro", "gpt", 3, 0.331), _acc("b", "gpt-micro-l6", "gpt", 6, 0.328), *base], [], {})
+    chart = probe_accuracy(run)
+    assert "Without chasing any pointer a model scores 33.0% (echo start) and 20.0% (chance): no model here" \
+        in chart.reading
+    assert {line.get_label() for line in chart.figure.axes[0].lines} >= {"baseline: echo start", "baseline: chance"}
     plt.close(chart.figure)
 
 

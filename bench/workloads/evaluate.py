@@ -126,6 +126,8 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
 
 
 def _probe_rows(model: torch.nn.Module, examples: tuple[str, ...], cell: Cell) -> list[dict]:
+    from loopscope.bench.probe import baselines
+
     reseed(model, 10_000)
     counts = probe_accuracy(model, examples, cell.batch, cell.device, **loop_kwargs(cell))
     correct = sum(c for c, _ in counts.values())
@@ -134,4 +136,7 @@ def _probe_rows(model: torch.nn.Module, examples: tuple[str, ...], cell: Cell) -
     rows = [metric_row("probe_accuracy", correct / total, "fraction", source=src, n_samples=total)]
     rows += [metric_row("probe_accuracy", c / n, "fraction", stat=f"hops={k}", source=src, n_samples=n)
              for k, (c, n) in counts.items()]
+    rows += [metric_row("probe_baseline", value, "fraction", stat=name, n_samples=total,
+                        source=f"accuracy without chasing pointers ({name}) on the same {total} examples")
+             for name, value in baselines(examples).items()]
     return rows
