@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import statistics
 import time
@@ -67,8 +68,6 @@ def _median_s(fn: Any, reps: int) -> float:
 
 
 def _row(name: str, backend: str, metric: str, unit: str, value: float, shape: str, source: str) -> dict[str, Any]:
-    import os
-
     return dict(kind="diagnosis", name=name, backend=backend, metric=metric, unit=unit, value=value,
                 stat="median", n_samples=1, ci_low=math.nan, ci_high=math.nan, shape=shape, source=source,
                 loadavg_1m=os.getloadavg()[0])
