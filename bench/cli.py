@@ -1,22 +1,43 @@
-"""The `loopscope` command line. Unusable input: one clear line on stderr and exit code 2."""
+"""The `loopscope` command line. Unusable input: one clear line on stderr and exit code 2.
+
+Exit codes: 0 done; 1 the gate found a regression; 2 unusable input (profile, run directory, argument,
+a disk that cannot be written); 3 the run finished but some cells are not ok; 130 interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from loopscope.bench.errors import LoopscopeError
 
+EXIT_INTERRUPTED = 130
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad argument is one line on stderr (not the usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
+def _run_dir_arg(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: give a run directory")
+    return Path(text)
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loopscope", description="Benchmark looped vs standard transformers "
+    p = _OneLineParser(prog="loopscope", description="Benchmark looped vs standard transformers "
                                 "on this hardware: speed, memory, energy and quality.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a sweep profile into a run directory (resumes by default)")
     r.add_argument("--profile", help="profile name or path to a .toml (default: this machine's device class)")
-    r.add_argument("--out", type=Path, help="run directory (default: runs/<profile>)")
+    r.add_argument("--out", type=_run_dir_arg, help="run directory (default: runs/<profile>)")
     r.add_argument("--only", action="append", default=[], metavar="PATTERN",
                    help="run only cells whose id, model, workload or label matches (repeatable)")
     r.add_argument("--dry-run", action="store_true", help="print the matrix with estimates and exit")
@@ -24,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--retry-failed", action="store_true", help="rerun cells whose status is not ok")
     r.add_argument("--executor", choices=["local"], default="local", help="where cells run")
     r.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    r.add_argument("--allow-profile-change", action="store_true",
+                   help="resume a run directory made with another profile: keep the cells both share and "
+                        "drop the others from the tables")
 
     rep = sub.add_parser("report", help="(re)write report.md, report.html and charts for a run")
-    rep.add_argument("run", type=Path)
+    rep.add_argument("run", type=_run_dir_arg)
 
     c = sub.add_parser("compare", help="compare two runs metric by metric")
     c.add_argument("base", type=Path)
@@ -55,14 +79,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     return run(RunOptions(profile=args.profile, out=args.out, only=tuple(args.only), dry_run=args.dry_run,
                           trace=args.trace, retry_failed=args.retry_failed, executor=args.executor,
-                          report=not args.no_report))
+                          report=not args.no_report, allow_profile_change=args.allow_profile_change))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from loopscope.reports.report import write_report
 
     paths = write_report(args.run)
-    print(f"wrote {paths['md']} and {paths['html']}")
+    emit(f"wrote {paths['md']} and {paths['html']}")
     return 0
 
 
@@ -70,7 +94,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from loopscope.reports.compare import compare_runs
 
     result = compare_runs(args.base, args.cand, all_metrics=args.all_metrics)
-    print({"markdown": result.to_markdown, "csv": result.to_csv, "json": result.to_json}[args.format]())
+    emit({"markdown": result.to_markdown, "csv": result.to_csv, "json": result.to_json}[args.format]())
     return 0
 
 
@@ -78,7 +102,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     from loopscope.reports.gate import gate_runs
 
     result = gate_runs(args.base, args.cand, rules=args.rules, all_metrics=args.all_metrics)
-    print(result.render())
+    emit(result.render())
     return result.exit_code
 
 
@@ -118,6 +142,15 @@ COMMANDS = {"run": _cmd_run, "report": _cmd_report, "compare": _cmd_compare, "ga
             "profiles": _cmd_profiles, "models": _cmd_models, "fingerprint": _cmd_fingerprint}
 
 
+def emit(text: str) -> None:
+    """Print a command's output; a reader that left early (`| head`) does not change the exit code."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush cannot fail again
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -126,13 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines() or ["error"]:
             print(f"loopscope {args.command}: error: {line}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # e.g. `loopscope gate A B | head`: the reader left, nothing to report
-        sys.stderr.close()
-        return 0
+    except BrokenPipeError:  # output that emit() did not guard; the result is unknown, so never 0
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1 if args.command == "gate" else 2
+    except OSError as err:  # e.g. a full disk while drawing a chart: one line, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"loopscope {args.command}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"loopscope {args.command}: interrupted; finished cells are kept, rerun to resume",
               file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ def apply_numba_threading(layer: str) -> None:
 
 
 def main(job_dir: str) -> int:
+    from loopscope.bench.worker_guard import watch_parent
+
+    watch_parent()
     job = Path(job_dir)
     apply_numba_threading(json.loads((job / "context.json").read_text()).get("numba_threading", ""))
     from loopscope.bench.context import RunContext

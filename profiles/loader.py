@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,6 +44,52 @@ AXES: dict[str, tuple[type, ...]] = {
     "model": (str,), "workload": (str,), "backend": (str,), "device": (str,), "dtype": (str,),
     "batch": (int,), "seq_len": (int,), "loops_test": (int,), "kv_policy": (str,), "lr": NUM,
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """The accepted values of a numeric key: lo..hi, each end closed unless marked open; never NaN or inf."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    @property
+    def text(self) -> str:
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() and abs(v) < 1e16 else f"{v:g}"
+        return f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+
+
+_POS = Range(0, 1e30, lo_open=True)  # any finite positive number
+_FRAC = Range(0, 1)
+_COUNT = Range(1, 2**31 - 1)
+# section -> key -> accepted range. Every numeric key of SETTINGS_SCHEMA has one (a test checks it).
+RANGES: dict[str, dict[str, Range]] = {
+    "profile": {"seed": Range(0, 2**32 - 1), "timeout_s": Range(0, 30 * 86400, lo_open=True),
+                "memory_limit_gb": Range(0, 1e6, lo_open=True), "threads": Range(0, 4096)},  # threads 0: defaults
+    "data": {"max_bytes": Range(1, 2**50)},
+    "train": {"tokens": Range(1, 1e18), "tokens_per_param": _POS, "flops": _POS, "batch": Range(1, 65536),
+              "seq_len": Range(1, 2**20), "lr": Range(0, 10, lo_open=True), "warmup_frac": _FRAC,
+              "cooldown_frac": _FRAC, "weight_decay": Range(0, 10), "grad_clip": Range(0, 1e6, lo_open=True),
+              "betas": Range(0, 1, hi_open=True), "log_every": _COUNT, "checkpoint_every": Range(0, 2**31 - 1),
+              "spike_factor": Range(1, 1e6, lo_open=True), "muon_momentum": Range(0, 1, hi_open=True)},
+    "eval": {"seq_len": Range(1, 2**20), "max_tokens": Range(1, 1e15), "stride": Range(1, 2**20),
+             "seeds": Range(1, 1000), "batch": Range(1, 65536)},
+    "measure": {"min_time_s": Range(0, 86400), "min_count": Range(1, 10_000), "warmup": Range(0, 10_000),
+                "energy_window_s": Range(0, 3600, lo_open=True)},
+    "decode": {"prompt_len": Range(1, 2**20), "new_tokens": Range(1, 2**20)},
+}
+AXIS_RANGES: dict[str, Range] = {"batch": Range(1, 65536), "seq_len": Range(1, 2**20),
+                                 "loops_test": Range(1, 4096), "lr": Range(0, 10, lo_open=True)}
 SWEEP_KEYS = set(AXES) | {"name", "include", "exclude"}
 WORKLOADS = ("train", "eval", "prefill", "decode", "kernels")
 BACKENDS = ("torch", "torch-compile", "numba", "numba-cuda")
@@ -113,6 +160,16 @@ def _check_type(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+def _check_range(where: str, key: str, value: Any, accepted: Range, errors: list[str]) -> None:
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not _check_type(v, NUM):
+            errors.append(f"{where}: {key} = {v!r} must be a number")
+        elif v not in accepted:
+            errors.append(f"{where}: {key} = {v!r} is out of range: expected a value in {accepted.text}")
+            return
+
+
 def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
     where = str(path)
     for section, value in data.items():
@@ -132,6 +189,10 @@ def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
                               f"(known: {', '.join(SETTINGS_SCHEMA[section])})")
             elif not _check_type(item, types):
                 errors.append(f"{where}: {section}.{key} = {item!r} must be {_type_name(types)}")
+            elif section == "train" and key == "betas" and len(item) != 2:
+                errors.append(f"{where}: train.betas = {item!r} must be a list of two numbers")
+            elif key in RANGES.get(section, {}):
+                _check_range(where, f"{section}.{key}", item, RANGES[section][key], errors)
     models = data.get("models", {})
     if not isinstance(models, dict):
         errors.append(f"{where}: [models] must be a table of [models.NAME] tables")
@@ -153,6 +214,9 @@ def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
                 bad = [v for v in values if not _check_type(v, AXES[key])]
                 if bad:
                     errors.append(f"{where}: {label}.{key} = {bad[0]!r} must be {_type_name(AXES[key])}")
+                elif key in AXIS_RANGES:
+                    for v in values:
+                        _check_range(where, f"{label}.{key}", v, AXIS_RANGES[key], errors)
         if "model" not in sweep or "workload" not in sweep:
             errors.append(f"{where}: {label}: needs both 'model' and 'workload'")
         for rule_key in ("include", "exclude"):
@@ -172,6 +236,8 @@ def load_profile(name_or_path: str, *, _seen: tuple[str, ...] = ()) -> Profile:
     data = _read_toml(path)
     errors: list[str] = []
     parent = data.get("profile", {}).get("extends") if isinstance(data.get("profile"), dict) else None
+    if parent is not None and (not isinstance(parent, str) or not parent.strip()):
+        raise ConfigError(f"{path}: profile.extends = {parent!r} must be the name or path of one profile")
     if parent:
         if parent in _seen:
             raise ConfigError(f"{path}: profile.extends = {parent!r} makes a cycle ({' -> '.join(_seen)})")

@@ -5,7 +5,6 @@ Every frame here is a pure function of a RunData; the charts and tables only dra
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from loopscope.bench.errors import LoopscopeError
 
 DENSE_FAMILY = "gpt"
 FAMILY_ORDER: tuple[str, ...] = ("gpt", "parcae", "rdm", "looped", "ut")
@@ -72,45 +69,15 @@ class RunData:
 
 
 def load_run(run_dir: Path) -> RunData:
-    """Read a run directory; a missing or unreadable part is a LoopscopeError naming the path.
+    """Read a run directory through the one reader (rundir.read_run_dir); a missing or unreadable part
+    is a LoopscopeError naming the path. Cell records are the source of truth; a run dir that only
+    has results.parquet (copied from elsewhere) is read from that, without the per-cell records."""
+    from loopscope.reports.rundir import normalise_results, normalise_samples, read_run_dir
 
-    Cell records (cells/*.json) are the source of truth; a run dir that only has results.parquet
-    (copied from elsewhere) is read from that, without the per-cell records.
-    """
-    run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise LoopscopeError(f"{run_dir}: not a loopscope run directory (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
-        raise LoopscopeError(f"{manifest_path}: unreadable ({err})") from None
-    from loopscope.bench.schema import RESULT_COLUMNS, SAMPLE_COLUMNS
-    from loopscope.bench.store import RunStore
-
-    store = RunStore(run_dir)
-    cells = store.read_cells()
-    if cells:
-        results, samples = store.tables()
-    else:
-        results = _read_parquet(run_dir / "results.parquet", RESULT_COLUMNS)
-        samples = _read_parquet(run_dir / "samples.parquet", SAMPLE_COLUMNS)
-    for col in ("stat", "source", "reason"):
-        results[col] = results[col].fillna("").astype(str)
-    return RunData(run_dir, manifest, results, samples, cells)
-
-
-def _read_parquet(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        return pd.DataFrame(columns=list(columns))
-    try:
-        df = pd.read_parquet(path)
-    except (OSError, ValueError) as err:
-        raise LoopscopeError(f"{path}: unreadable ({err})") from None
-    for col in columns:
-        if col not in df.columns:
-            df[col] = np.nan
-    return df
+    files = read_run_dir(run_dir)
+    where = str(files.path)
+    return RunData(files.path, files.manifest, normalise_results(files.results, where=where),
+                   normalise_samples(files.samples, where=where), files.cells)
 
 
 def _cell_frame(run: RunData) -> pd.DataFrame:

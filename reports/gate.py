@@ -103,6 +103,10 @@ def gate_run_data(base_run: RunData, cand_run: RunData, *, rules: Rules,
         more = f" and {len(comparison.only_base) - 5} more" if len(comparison.only_base) > 5 else ""
         missing = f"{len(comparison.only_base)} base cell(s) missing from the candidate: {labels}{more}"
         (failures if rules.missing_cells == "fail" else warnings).append(missing)
+    cand_cells = cand_run.cells()
+    if not (cand_cells["status"] == "ok").any():  # nothing measured is never a pass
+        failures.append(f"no cell of the candidate {cand_run.path} is ok ({len(cand_cells)} cell(s), "
+                        f"none measured)")
     if len(comparison.only_cand):
         warnings.append(f"{len(comparison.only_cand)} new cell(s) in the candidate, not gated")
     warnings += [n for n in comparison.notes if n.startswith("no rule for metric")]
