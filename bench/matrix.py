@@ -241,7 +241,15 @@ def _make_cell(axes: dict[str, Any], configs: dict[str, dict[str, Any]],
         if cfg["family"] in RANDOM_STATE_FAMILIES:
             ev["seeds"] = max(int(ev["seeds"]), 1)
         loops = axes["loops_test"] if looped else None
-        return Cell(**base, batch=axes["batch"] or ev["batch"], seq_len=axes["seq_len"] or ev["seq_len"],
+        seq_len = axes["seq_len"] or ev["seq_len"]
+        if ev.get("stride") is not None and int(ev["stride"]) > seq_len:
+            errors.append(f"{label}: eval.stride = {ev['stride']} is longer than its window, seq_len = {seq_len}")
+            return None
+        if int(ev["max_tokens"]) < seq_len:
+            errors.append(f"{label}: eval.max_tokens = {ev['max_tokens']} is shorter than one window, "
+                          f"seq_len = {seq_len}")
+            return None
+        return Cell(**base, batch=axes["batch"] or ev["batch"], seq_len=seq_len,
                     loops_test=loops, lr=float(axes["lr"]), settings={"eval": ev, "data": data})
     if workload in ("prefill", "decode"):
         measure = settings["measure"]

@@ -198,6 +198,8 @@ def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
         errors.append(f"{where}: [models] must be a table of [models.NAME] tables")
         models = {}
     for name, spec in models.items():
+        if not name.strip() or any(not ch.isprintable() for ch in name):
+            errors.append(f"{where}: [models.{name!r}]: a model name must be printable text, on one line")
         if not isinstance(spec, dict) or not isinstance(spec.get("preset"), str):
             errors.append(f"{where}: models.{name} needs preset = \"<preset name>\"")
     sweeps = data.get("sweep", [])

@@ -22,8 +22,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from loopscope.bench.errors import LoopscopeError
 from loopscope.bench.matrix import DEFAULTS
-from loopscope.bench.store import atomic_write_text
+from loopscope.bench.store import atomic_write_bytes, atomic_write_text
 from loopscope.reports.charts import CHARTS, Chart, Omitted, human_bytes, si
 from loopscope.reports.frames import RunData, load_run
 from loopscope.reports.profile_charts import PROFILE_CHARTS, traced
@@ -202,28 +203,35 @@ def draw_charts(run: RunData, charts_dir: Path) -> list[DrawnChart | Omitted]:
     # "Where the time goes" (profile charts) only for traced runs
     for make in CHARTS + QUALITY_CHARTS + (PROFILE_CHARTS if traced(run) else ()):
         try:
-            chart = make(run)
+            # Names and labels come from users: `$` or `^` in a model name is text, never mathtext.
+            with plt.rc_context({"text.parse_math": False, "text.usetex": False}):
+                chart = make(run)
+                drawn = chart if isinstance(chart, Omitted) else DrawnChart(chart, _save(chart, charts_dir))
+        except (OSError, LoopscopeError):
+            plt.close("all")
+            raise  # a full disk is the run's problem, not one chart's
         except Exception as err:  # one broken chart must not cost the whole report
             traceback.print_exc(file=sys.stderr)
             name = make.__name__
             out.append(Omitted(name, name.replace("_", " "), f"could not be drawn: {type(err).__name__}: {err}"))
             plt.close("all")
             continue
-        if isinstance(chart, Omitted):
-            out.append(chart)
-            continue
-        out.append(DrawnChart(chart, _save(chart, charts_dir)))
+        out.append(drawn)
     return out
 
 
 def _save(chart: Chart, charts_dir: Path) -> bytes:
     fig = chart.figure
-    fig.savefig(charts_dir / f"{chart.name}.png", dpi=PNG_DPI, bbox_inches="tight")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
+    try:
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=PNG_DPI, bbox_inches="tight")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    finally:
+        plt.close(fig)
     svg = buf.getvalue()
-    (charts_dir / f"{chart.name}.svg").write_bytes(svg)
+    atomic_write_bytes(charts_dir / f"{chart.name}.png", png.getvalue())
+    atomic_write_bytes(charts_dir / f"{chart.name}.svg", svg)
     return svg
 
 
