@@ -219,3 +219,19 @@ def test_workers_stop_with_their_run(tmp_path, how):
             proc.wait()
         for pid in _workers_of(out):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_resumed_run_redoes_a_cell_file_that_is_not_a_record(tmp_path):
+    out = tmp_path / "run"
+    profile = _profile(tmp_path / "p.toml", batch="[1, 2]", timeout=0.001)
+    assert run_cli("run", "--profile", str(profile), "--out", str(out), "--no-report").returncode == 3
+    bad, other = sorted((out / "cells").glob("*.json"))
+    bad.write_text('{"hello": "world"}')
+    other.write_text("[1, 2, 3]")
+    report = run_cli("report", str(out))
+    assert report.returncode == 2 and "not a cell record" in _one_line(report)
+    resumed = run_cli("run", "--profile", str(profile), "--out", str(out), "--no-report")
+    assert resumed.returncode == 3, resumed.stderr
+    assert "running 2 of 2 cells" in resumed.stdout
+    assert {json.loads(p.read_text())["cell_id"] for p in (bad, other)} == {bad.stem, other.stem}
+    assert _cell_ids(out) == {bad.stem, other.stem}
