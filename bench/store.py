@@ -273,6 +273,10 @@ class RunStore:
         if not isinstance(manifest, dict):
             raise LoopscopeError(f"{path}: expected a JSON object, got {type(manifest).__name__}; move it away "
                                  "to resume this run with a new manifest, or use another --out")
+        for key in ("profile", "fingerprint", "calibration"):
+            if key in manifest and not isinstance(manifest[key], dict):
+                raise LoopscopeError(f"{path}: key {key!r} = {manifest[key]!r:.60} is not an object; move the "
+                                     "manifest away to resume this run with a new one, or use another --out")
         return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:

@@ -124,6 +124,8 @@ CASES: list[tuple[str, dict[str, str], list[str], str]] = [
     ("resume-other-profile", {**prof(""), "out/manifest.json": json.dumps(
         {"run_id": "out", "profile": {"path": "old.toml", "hash": "0123456789abcdef"}})}, RUN_REAL,
      "hash 0123456789abcdef"),
+    ("resume-fingerprint-not-object", {**prof(""), "out/manifest.json": '{"run_id": "out", "fingerprint": 5}'},
+     RUN_REAL, "'fingerprint' = 5"),
     # --- arguments ---
     ("out-empty", prof(""), ["run", "--profile", "{d}/p.toml", "--out", ""], "--out"),
     ("report-empty", {}, ["report", ""], "empty"),
