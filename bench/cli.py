@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
                        "checkout is slower than commit REF, both timed here, interleaved)")
     g.add_argument("base", type=Path, nargs="?")
     g.add_argument("cand", type=Path, nargs="?")
+    g.add_argument("--base", dest="base_runs", action="append", default=[], type=Path, metavar="RUN",
+                   help="another base run (repeatable): several runs per side are process-level replicates, "
+                   "across which timing is judged with a measured noise floor")
+    g.add_argument("--cand", dest="cand_runs", action="append", default=[], type=Path, metavar="RUN",
+                   help="another candidate run (repeatable)")
     g.add_argument("--against", metavar="REF", help="A/B mode: time base commit REF and this working tree "
                    "in interleaved fresh processes and judge their timing cells")
     g.add_argument("--profile", default="ci", help="A/B mode: the profile whose timing cells are run")
@@ -89,18 +94,21 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     if args.against:
         from loopscope.reports.abgate import ABGateError, ab_gate
 
-        if args.base or args.cand:
-            raise ABGateError("give either --against REF or BASE CAND, not both")
+        if args.base or args.cand or args.base_runs or args.cand_runs:
+            raise ABGateError("give either --against REF or runs to gate, not both")
         ab = ab_gate(args.against, profile=args.profile, budget_s=args.budget_s, min_blocks=args.min_blocks,
                      tolerance=args.tolerance, seed=args.seed, keep=args.keep,
                      log=lambda line: print(line, flush=True))
         print(ab.render())
         return ab.exit_code
-    if args.base is None or args.cand is None:
+    bases = ([args.base] if args.base else []) + args.base_runs
+    cands = ([args.cand] if args.cand else []) + args.cand_runs
+    if not bases or not cands:
         from loopscope.bench.errors import ConfigError
 
-        raise ConfigError("gate: give BASE and CAND (runs or pytest-benchmark files), or --against REF")
-    result = gate_runs(args.base, args.cand, rules=args.rules, all_metrics=args.all_metrics)
+        raise ConfigError("gate: give BASE and CAND (runs or pytest-benchmark files; more with --base/--cand), "
+                          "or --against REF")
+    result = gate_runs(bases, cands, rules=args.rules, all_metrics=args.all_metrics)
     print(result.render())
     return result.exit_code
 

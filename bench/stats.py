@@ -137,3 +137,32 @@ def paired_change(base, cand, same_code_log_diffs, *, level: float = 0.99) -> Pa
         floor = math.expm1(t_crit * rms / math.sqrt(n))
     return PairedChange(n, math.exp(mean), math.exp(mean - t_crit * se), math.exp(mean + t_crit * se), p,
                         floor, int(e.size))
+
+
+def unpaired_change(base, cand, *, level: float = 0.99) -> PairedChange:
+    """cand/base from independent process-level values (stored runs, one value per run and side).
+
+    Welch's t-interval on the difference of mean log values; the floor is the half-width the pooled
+    same-code spread (each side's spread about its own mean) gives with these counts. Fewer than two
+    values on a side: no interval and an unknown floor.
+    """
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+    la, lb = np.log(a[np.isfinite(a) & (a > 0)]), np.log(b[np.isfinite(b) & (b > 0)])
+    nan = float("nan")
+    n = int(min(la.size, lb.size))
+    if la.size == 0 or lb.size == 0:
+        return PairedChange(n, nan, nan, nan, nan, nan, 0)
+    diff = float(lb.mean() - la.mean())
+    if la.size < 2 or lb.size < 2:
+        return PairedChange(n, math.exp(diff), nan, nan, nan, nan, 0)
+    va, vb = la.var(ddof=1) / la.size, lb.var(ddof=1) / lb.size
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / ((va**2 / (la.size - 1)) + (vb**2 / (lb.size - 1))) if se > 0 else la.size + lb.size - 2
+    t_crit = float(_sps.t.ppf(0.5 + level / 2.0, dof))
+    p = float(2.0 * _sps.t.sf(abs(diff) / se, dof)) if se > 0 else (0.0 if diff else 1.0)
+    pooled = math.sqrt(((la.size - 1) * la.var(ddof=1) + (lb.size - 1) * lb.var(ddof=1))
+                       / (la.size + lb.size - 2))
+    t_pool = float(_sps.t.ppf(0.5 + level / 2.0, la.size + lb.size - 2))
+    floor = math.expm1(t_pool * pooled * math.sqrt(1.0 / la.size + 1.0 / lb.size))
+    return PairedChange(n, math.exp(diff), math.exp(diff - t_crit * se), math.exp(diff + t_crit * se), p, floor,
+                        int(la.size + lb.size - 2))
