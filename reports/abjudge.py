@@ -56,7 +56,7 @@ def block_pairs(order: list[str]) -> tuple[list[tuple[int, int]], list[tuple[int
     """(A index, B index) pairs and same-code (first, second) index pairs of one block's run order."""
     a = [i for i, side in enumerate(order) if side == "A"]
     b = [i for i, side in enumerate(order) if side == "B"]
-    pairs = list(zip(a, b))
+    pairs = list(zip(a, b, strict=False))
     same = [(a[0], a[1])] if len(a) >= 2 else []
     same += [(b[0], b[1])] if len(b) >= 2 else []
     return pairs, same

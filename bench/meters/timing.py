@@ -2,12 +2,13 @@
 
 CPU samples use `time.perf_counter_ns` around each call, and beside it `time.process_time_ns` (user + sys
 CPU time of this worker process): on a machine shared with other jobs, the CPU time a call consumed moves
-less than its wall time, which also counts the time the process waited for a core. On a CUDA device each call is bracketed by CUDA
-events and the end event is synchronised, so a sample is the device time of that call alone. Other async
-backends (numba-cuda on its own stream, for example) pass a `sync` hook that blocks until their work is done.
+less than its wall time, which also counts the time the process waited for a core. On a CUDA device each
+call is bracketed by CUDA events and the end event is synchronised, so a sample is the device time of that
+call alone. Other async backends (numba-cuda on its own stream, for example) pass a `sync` hook that blocks
+until their work is done.
 
-The loop body does only two clock reads and one list append, so it adds well under 1% to a 10 ms call
-(tests/benchmarks/test_timing_overhead.py checks this). Statistics are computed lazily, after the loop.
+The loop body does four clock reads (wall and CPU, before and after) and two list appends, so it adds
+well under 1% to a 10 ms call (tests/benchmarks/test_timing_overhead.py checks this). Statistics are computed lazily, after the loop.
 """
 
 from __future__ import annotations
