@@ -8,7 +8,8 @@ call alone. Other async backends (numba-cuda on its own stream, for example) pas
 until their work is done.
 
 The loop body does four clock reads (wall and CPU, before and after) and two list appends, so it adds
-well under 1% to a 10 ms call (tests/benchmarks/test_timing_overhead.py checks this). Statistics are computed lazily, after the loop.
+well under 1% to a 10 ms call (tests/benchmarks/test_timing_overhead.py checks this). Statistics are
+computed lazily, after the loop.
 """
 
 from __future__ import annotations
