@@ -200,7 +200,10 @@ def ab_gate(ref: str, *, profile: str = "ci", repo: Path | None = None, budget_s
     """Time the base commit `ref` and the candidate (the working tree of `repo`) interleaved; judge."""
     start = time.monotonic()
     repo = Path(git(repo or Path.cwd(), "rev-parse", "--show-toplevel"))
-    commit = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    try:
+        commit = git(repo, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except ABGateError as exc:
+        raise ABGateError(f"--against {ref}: no such commit in {repo}") from exc
     tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="loopscope-ab-"))
     tmp.mkdir(parents=True, exist_ok=True)
     base_dir = tmp / "base"

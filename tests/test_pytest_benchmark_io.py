@@ -134,21 +134,20 @@ def _pytest_benchmark_json(tmp_path: Path, name: str, sleep_s: float) -> Path:
 
 
 def test_files_written_by_pytest_benchmark_gate_in_loopscope(tmp_path):
-    a1 = _pytest_benchmark_json(tmp_path, "a1", 0.001)
-    a2 = _pytest_benchmark_json(tmp_path, "a2", 0.001)
-    slow = _pytest_benchmark_json(tmp_path, "slow", 0.002)
-    run = read_pytest_benchmark(a1)
+    # Each file is one pytest process: a process-level replicate. Written interleaved (A B A B ...), so a
+    # change in the machine's load lands on both sides; judged across the files of each side.
+    a, a2, slow = [], [], []
+    for i in range(3):
+        a.append(_pytest_benchmark_json(tmp_path, f"a{i}", 0.001))
+        a2.append(_pytest_benchmark_json(tmp_path, f"aa{i}", 0.001))
+        slow.append(_pytest_benchmark_json(tmp_path, f"slow{i}", 0.005))
+    run = read_pytest_benchmark(a[0])
     assert run.fingerprint["source"] == "pytest-benchmark machine_info"
     row = run.results.query("metric == 'latency_ms' and stat == 'median'")
     assert len(row) == 1 and row["model"].iloc[0].endswith("test_sleepy.py::test_sleep")
     assert run.samples_for(row["cell_id"].iloc[0], "latency_ms").size >= 30
-    a3 = _pytest_benchmark_json(tmp_path, "a3", 0.001)
-    a4 = _pytest_benchmark_json(tmp_path, "a4", 0.001)
-    slow2 = _pytest_benchmark_json(tmp_path, "slow2", 0.002)
-    slow3 = _pytest_benchmark_json(tmp_path, "slow3", 0.002)
-    # Each file is one pytest process: a process-level replicate, judged across the files of a side.
-    assert gate_runs([a1, a3], [a2, a4]).exit_code == 0, gate_runs([a1, a3], [a2, a4]).render()
-    result = gate_runs([a1, a2, a3], [slow, slow2, slow3])
+    assert gate_runs(a, a2).exit_code == 0, gate_runs(a, a2).render()
+    result = gate_runs(a, slow)
     assert result.exit_code == 1, result.render()
     assert list(result.regressions["metric"]) == ["latency_ms"]
 
