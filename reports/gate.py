@@ -131,7 +131,6 @@ def _judge_noisy_rows(table: pd.DataFrame, rules: Rules, base_runs: tuple[RunDat
     """Timing and normalised rows judged across runs, one value per run (a process-level replicate)."""
     from loopscope.bench.stats import unpaired_change
     from loopscope.reports.abjudge import judge_change
-
     from loopscope.reports.compare import add_in_run_ratios
 
     table = table.copy()
