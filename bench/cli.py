@@ -59,9 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--all-metrics", action="store_true",
                    help="compare raw metrics even when the two runs' hardware differs")
 
-    g = sub.add_parser("gate", help="exit 1 if CAND regressed against BASE")
-    g.add_argument("base", type=Path)
-    g.add_argument("cand", type=Path)
+    g = sub.add_parser("gate", help="exit 1 if CAND regressed against BASE (or, with --against REF, if this "
+                       "checkout is slower than commit REF, both timed here, interleaved)")
+    g.add_argument("base", type=Path, nargs="?")
+    g.add_argument("cand", type=Path, nargs="?")
+    g.add_argument("--base", dest="base_runs", action="append", default=[], type=Path, metavar="RUN",
+                   help="another base run (repeatable): several runs per side are process-level replicates, "
+                   "across which timing is judged with a measured noise floor")
+    g.add_argument("--cand", dest="cand_runs", action="append", default=[], type=Path, metavar="RUN",
+                   help="another candidate run (repeatable)")
+    g.add_argument("--against", metavar="REF", help="A/B mode: time base commit REF and this working tree "
+                   "in interleaved fresh processes and judge their timing cells")
+    g.add_argument("--profile", default="ci", help="A/B mode: the profile whose timing cells are run")
+    g.add_argument("--budget-s", type=float, default=480.0, help="A/B mode: time budget (default 480)")
+    g.add_argument("--min-blocks", type=int, default=2, help="A/B mode: at least this many ABBA blocks")
+    g.add_argument("--tolerance", type=float, default=0.05, help="A/B mode: accepted slowdown (default 0.05)")
+    g.add_argument("--seed", type=int, help="A/B mode: seed of the ABBA/BAAB order (default: random)")
+    g.add_argument("--keep", type=Path, help="A/B mode: keep the checkout and every run under this folder")
     g.add_argument("--rules", type=Path, help="TOML rules per metric (default: shipped rules)")
     g.add_argument("--all-metrics", action="store_true",
                    help="gate raw metrics even when the two runs' hardware differs")
@@ -101,7 +115,24 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_gate(args: argparse.Namespace) -> int:
     from loopscope.reports.gate import gate_runs
 
-    result = gate_runs(args.base, args.cand, rules=args.rules, all_metrics=args.all_metrics)
+    if args.against:
+        from loopscope.reports.abgate import ABGateError, ab_gate
+
+        if args.base or args.cand or args.base_runs or args.cand_runs:
+            raise ABGateError("give either --against REF or runs to gate, not both")
+        ab = ab_gate(args.against, profile=args.profile, budget_s=args.budget_s, min_blocks=args.min_blocks,
+                     tolerance=args.tolerance, seed=args.seed, keep=args.keep,
+                     log=lambda line: print(line, flush=True))
+        emit(ab.render())
+        return ab.exit_code
+    bases = ([args.base] if args.base else []) + args.base_runs
+    cands = ([args.cand] if args.cand else []) + args.cand_runs
+    if not bases or not cands:
+        from loopscope.bench.errors import ConfigError
+
+        raise ConfigError("gate: give BASE and CAND (runs or pytest-benchmark files; more with --base/--cand), "
+                          "or --against REF")
+    result = gate_runs(bases, cands, rules=args.rules, all_metrics=args.all_metrics)
     emit(result.render())
     return result.exit_code
 

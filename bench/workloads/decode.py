@@ -79,18 +79,19 @@ GENERATORS = {"torch": TorchGenerator, "numba": NumbaGenerator}
 
 
 def _generate(gen: TorchGenerator | NumbaGenerator, prompt: np.ndarray, new_tokens: int,
-              device: str) -> tuple[float, list[float]]:
-    """One generation: (ttft seconds, per-token step seconds)."""
-    t0 = time.perf_counter_ns()
+              device: str) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """One generation: (ttft, per-token steps), each as (wall seconds, process CPU seconds)."""
+    wall, cpu = time.perf_counter_ns, time.process_time_ns
+    c0, t0 = cpu(), wall()
     tok = gen.prefill(prompt, prompt.shape[1] + new_tokens)
     synchronize(device)
-    ttft = (time.perf_counter_ns() - t0) / 1e9
+    ttft = ((wall() - t0) / 1e9, (cpu() - c0) / 1e9)
     steps = []
     for _ in range(new_tokens - 1):
-        t0 = time.perf_counter_ns()
+        c0, t0 = cpu(), wall()
         tok = gen.step(tok.astype(np.int64))
         synchronize(device)
-        steps.append((time.perf_counter_ns() - t0) / 1e9)
+        steps.append(((wall() - t0) / 1e9, (cpu() - c0) / 1e9))
     return ttft, steps
 
 
@@ -107,13 +108,15 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     t_first = time.perf_counter()
     _generate(gen, prompt, new_tokens, cell.device)  # warm-up
     first_call_s = time.perf_counter() - t_first
-    ttfts, step_s, gen_rates = [], [], []
+    ttfts, step_s, gen_rates, cpu_ttfts, cpu_step_s = [], [], [], [], []
     start = time.perf_counter()
     while len(ttfts) < int(measure["min_count"]) or time.perf_counter() - start < float(measure["min_time_s"]):
         ttft, steps = _generate(gen, prompt, new_tokens, cell.device)
-        ttfts.append(ttft)
-        step_s.extend(steps)
-        gen_rates.append(cell.batch * len(steps) / sum(steps))
+        ttfts.append(ttft[0])
+        cpu_ttfts.append(ttft[1])
+        step_s.extend(s[0] for s in steps)
+        cpu_step_s.extend(s[1] for s in steps)
+        gen_rates.append(cell.batch * len(steps) / sum(s[0] for s in steps))
 
     result = WorkloadResult()
     src = f"perf_counter_ns, prompt {prompt_len}, {new_tokens} new tokens, greedy"
@@ -124,6 +127,13 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         for stat in ("p90", "p99"):
             result.rows.append(metric_row(metric, getattr(s, stat), "ms", stat=stat, n_samples=s.n, source=src))
         result.add_samples(metric, "ms", np.asarray(values) * 1e3)
+    if cell.device == "cpu":  # process CPU time (user + sys) beside wall time; blind to GPU work
+        cpu_src = f"process_time_ns (user+sys of the worker), prompt {prompt_len}, {new_tokens} new tokens"
+        for metric, values in (("cpu_ttft_ms", cpu_ttfts), ("cpu_latency_ms", cpu_step_s)):
+            s = summarize(np.asarray(values) * 1e3)
+            result.rows.append(metric_row(metric, s.median, "ms", stat="median", ci_low=s.ci_low,
+                                          ci_high=s.ci_high, n_samples=s.n, source=cpu_src))
+            result.add_samples(metric, "ms", np.asarray(values) * 1e3)
     rate = summarize(gen_rates)
     result.rows.append(metric_row("tokens_per_s", rate.median, "tokens/s", stat="median", ci_low=rate.ci_low,
                                   ci_high=rate.ci_high, n_samples=rate.n,

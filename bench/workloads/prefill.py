@@ -115,6 +115,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     result.rows += throttle_rows(health_before, gpu_health(cell.device))
     result.rows += timed.latency_rows()
     result.rows += timed.throughput_rows(units_per_call=tokens)
+    result.rows += timed.cpu_rows(units_per_call=tokens)
     result.rows += timed.compile_rows()
     result.samples += timed.sample_rows()
     cfg = ModelConfig.from_dict(cell.model_config)
