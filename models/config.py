@@ -33,7 +33,7 @@ STATE_INITS: tuple[str, ...] = ("like-init", "zero", "embed", "scaled-normal")
 # so the config (and the cell id) of every model that does not use them stays what it was.
 SPARSE_FIELDS: tuple[str, ...] = ("embed_scale", "logit_scale", "logit_softcap", "positional", "rope_condense",
                                   "qk_norm", "qk_bias", "clip_qkv", "norm", "linear_bias", "init",
-                                  "loops_min", "loops_max")
+                                  "loops_min", "loops_max", "state_std")
 
 # Family defaults that differ from the dataclass defaults (the research notes' knob matrix).
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -99,6 +99,7 @@ class ModelConfig:
     loops_min: int = 1              # "poisson" draws are clipped to [loops_min, loops_max]
     loops_max: int | None = None    # (Ohio State: Poisson(4) clipped to [2, 8])
     state_init: str | None = None   # "like-init" (fresh trunc-normal h0 every forward) | "zero" | "embed" (h0 = e)
+    state_std: float | None = None  # like-init std before embed_scale (default sqrt(2/(5d)); official init tables)
     prelude_norm: bool | None = None  # RMSNorm on the prelude output before injection (parcae)
     sandwich_norm: bool | None = None  # Huginn sandwich norms: x = n2(x + attn(n1 x)); x = n4(x + mlp(n3 x))
     # --- ut (Universal Transformer + ACT) ---

@@ -157,7 +157,7 @@ def initial_state(cfg: ModelConfig, e: torch.Tensor, gen: torch.Generator) -> to
     if cfg.state_init == "scaled-normal":
         draw = torch.randn(e.shape, device=e.device, dtype=torch.float32, generator=gen)
         return (draw / math.sqrt(cfg.d_model)).to(e.dtype)
-    std = math.sqrt(2.0 / (5.0 * cfg.d_model))
+    std = cfg.state_std if cfg.state_std is not None else math.sqrt(2.0 / (5.0 * cfg.d_model))
     # inverse-CDF truncated normal (+-3 std); bounds computed in Python so torch.compile does not
     # break the graph on a .item() as nn.init.trunc_normal_ does
     lo, hi = (0.5 * (1.0 + math.erf(z / math.sqrt(2.0))) for z in (-3.0, 3.0))
