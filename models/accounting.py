@@ -8,7 +8,17 @@ torch.utils.flop_counter does, following Parcae's cost script:
 
 N excludes embedding lookups (token and value-embedding tables; they are gathers, not matmuls) and
 includes the tied unembedding. Attention per layer application and token is 4 d S forward (QK^T and AV
-over the full S x S matrix, as FlopCounterMode counts SDPA) and 8 d S backward.
+over the full S x S matrix, no causal halving) and 8 d S backward.
+
+These are *model* FLOPs as PaLM defines them (the work the model needs, without recomputation), and MFU
+is computed from them. torch's FlopCounterMode agrees only under some SDPA backends, so a measured count
+must say which one ran:
+- the math backend: SDPA decomposes into bmm, counted 4 d S forward and 8 d S backward: equal;
+- the default CPU backend (`_scaled_dot_product_flash_attention_for_cpu`): FlopCounterMode has no
+  formula for it and counts attention as 0, unless one is registered (tests/test_models_accounting.py
+  registers 4 d S / 8 d S through `custom_mapping` and gets exactly these numbers);
+- CUDA's flash and memory-efficient backends: 4 d S forward but 10 d S backward, because their backward
+  recomputes QK^T; that recompute is hardware FLOPs, not model FLOPs, and MFU leaves it out.
 """
 
 from __future__ import annotations
