@@ -310,6 +310,8 @@ class NumbaEngine:
         if loops is not None and loops < 1:
             raise ValueError(f"loops={loops} must be >= 1")
         family = self.config.family
+        if exit is not None and exit.kind not in ("state", "kl"):
+            raise NotImplementedError(f"NumbaEngine: exit kind {exit.kind!r} is not implemented (only 'state', 'kl')")
         if exit is not None and family in ("gpt", "ut"):
             if family == "ut":
                 raise ValueError("ut: adaptive exit is ACT halting; pass exit=None (act_eps sets the threshold)")
