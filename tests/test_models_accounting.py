@@ -188,3 +188,14 @@ def test_flop_convention_under_the_default_sdpa_backend():
     registered, counts = count({fwd_op: fwd_formula, bwd_op: bwd_formula})
     assert any(fwd_op in ops for ops in counts.values())
     assert registered == model_flops
+
+
+@pytest.mark.parametrize("name", ["rdm-huginn-micro", "looped-osu-micro"])
+def test_accounting_of_the_official_variants(name):
+    """q/k bias, LayerNorm and linear biases are stored parameters; SwiGLU and GELU are counted matmuls."""
+    cfg = preset(name)
+    model = build(cfg, seed=0)
+    model.train()
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg).unique
+    idx = torch.randint(0, 256, (2, 16))
+    assert _measured_flops(model, idx, 3, train=True) == flops_per_token(cfg, 16, 3, mode="train")
