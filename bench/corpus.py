@@ -111,16 +111,14 @@ def load_corpus(spec: str = "default", *, max_bytes: int | None = None) -> Corpu
         train, val = split_documents(_default_documents(), max_bytes)
         return Corpus("default", train, val, "pydoc_data topics + Python standard library sources, bytes")
     if spec.startswith("probe:"):
-        from loopscope.bench.probe import ProbeSpec, probe_splits
+        from loopscope.bench.probe import probe_corpus
 
         try:
-            probe = ProbeSpec.parse(spec)
+            train_ex, test_ex, description = probe_corpus(spec)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        train_ex, test_ex = probe_splits(probe)
         as_bytes = lambda ex: np.frombuffer("".join(ex).encode("ascii"), dtype=np.uint8).copy()  # noqa: E731
-        return Corpus(spec, as_bytes(train_ex), as_bytes(test_ex),
-                      f"k-hop pointer chasing, {probe.symbols} symbols, 1..{probe.max_hops} hops", tuple(test_ex))
+        return Corpus(spec, as_bytes(train_ex), as_bytes(test_ex), description, tuple(test_ex))
     if spec.startswith("hf:"):
         from loopscope.bench.hf_corpus import cached_documents
 

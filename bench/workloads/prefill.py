@@ -122,7 +122,8 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     flops = flops_per_token(cfg, cell.seq_len, loops=cell.loops_test, mode="forward") * tokens / timed.median_s
     peak = ctx.peak_flops(cell.dtype)
     result.rows.append(metric_row("achieved_flops", flops, "FLOP/s", source="analytic FLOPs / median time"))
-    result.rows.append(metric_row("mfu", flops / peak, "fraction", source="analytic FLOPs / calibrated GEMM peak")
+    result.rows.append(metric_row("mfu", flops / peak, "fraction",
+                                  source="model FLOPs (PaLM: no recompute) / calibrated GEMM peak")
                        if math.isfinite(peak) else unmeasured("mfu", "fraction", "unavailable: no calibration"))
 
     if measure["energy"]:

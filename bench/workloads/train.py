@@ -175,7 +175,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         peak = ctx.peak_flops(cell.dtype if cell.device.startswith("cuda") else "float32")
         if math.isfinite(peak):
             result.rows.append(metric_row("mfu", flops / peak, "fraction",
-                                          source="analytic FLOPs / calibrated GEMM peak"))
+                                          source="model FLOPs (PaLM: no recompute) / calibrated GEMM peak"))
         else:
             result.rows.append(unmeasured("mfu", "fraction", "unavailable: no calibration in this run"))
         result.add_samples("step_time_ms", "ms", [t * 1e3 for t in timed])
