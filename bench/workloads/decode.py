@@ -9,87 +9,33 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from loopscope.bench.context import RunContext
+from loopscope.bench.engines import backend_for
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row
 from loopscope.bench.stats import summarize
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import DTYPES, build_model, loop_kwargs, synchronize
+from loopscope.bench.workloads.common import DTYPES
 from loopscope.bench.workloads.prefill import analytic_memory_rows
 
 
-class TorchGenerator:
-    """Greedy decoding of a loopscope model with its KVCache."""
-
-    def __init__(self, cell: Cell) -> None:
-        self.model = build_model(cell).to(DTYPES[cell.dtype]).eval()
-        self.cell = cell
-        self.kwargs = loop_kwargs(cell)
-        self.cache = None
-
-    @torch.inference_mode()
-    def prefill(self, prompt: np.ndarray, max_len: int) -> np.ndarray:
-        from loopscope.models import KVCache
-
-        self.cache = KVCache(max_len, policy=self.cell.kv_policy or "per-loop")
-        idx = torch.from_numpy(prompt).to(self.cell.device)
-        logits = self.model(idx, cache=self.cache, **self.kwargs)
-        return logits[:, -1].argmax(-1).cpu().numpy()
-
-    @torch.inference_mode()
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        idx = torch.from_numpy(tokens[:, None]).to(self.cell.device)
-        logits = self.model(idx, cache=self.cache, **self.kwargs)
-        return logits[:, -1].argmax(-1).cpu().numpy()
-
-    def cache_bytes(self) -> int:
-        return self.cache.used_bytes()
-
-
-class NumbaGenerator:
-    """Greedy decoding with the Numba engine's own KV cache (no torch call on the hot path)."""
-
-    def __init__(self, cell: Cell) -> None:
-        from loopscope.kernels.engine import NumbaEngine
-
-        self.model = build_model(cell).eval()
-        self.engine = NumbaEngine.from_model(self.model)
-        self.cell = cell
-        self.loops = cell.loops_test
-        self.cache = None
-
-    def prefill(self, prompt: np.ndarray, max_len: int) -> np.ndarray:
-        self.cache = self.engine.new_cache(prompt.shape[0], max_len, policy=self.cell.kv_policy or "per-loop",
-                                           loops=self.loops)
-        logits = self.engine.prefill(prompt, loops=self.loops, cache=self.cache)
-        return logits[:, -1].argmax(-1)
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        return self.engine.decode_step(tokens, self.cache).argmax(-1)
-
-    def cache_bytes(self) -> int:
-        return int(self.cache.used_bytes())
-
-
-GENERATORS = {"torch": TorchGenerator, "numba": NumbaGenerator}
-
-
-def _generate(gen: TorchGenerator | NumbaGenerator, prompt: np.ndarray, new_tokens: int,
-              device: str) -> tuple[float, list[float]]:
+def _generate(gen: Any, prompt: np.ndarray, new_tokens: int, sync: Callable[[], None]) -> tuple[float, list[float]]:
     """One generation: (ttft seconds, per-token step seconds)."""
     t0 = time.perf_counter_ns()
     tok = gen.prefill(prompt, prompt.shape[1] + new_tokens)
-    synchronize(device)
+    sync()
     ttft = (time.perf_counter_ns() - t0) / 1e9
     steps = []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter_ns()
         tok = gen.step(tok.astype(np.int64))
-        synchronize(device)
+        sync()
         steps.append((time.perf_counter_ns() - t0) / 1e9)
     return ttft, steps
 
@@ -98,24 +44,26 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     measure, dec = cell.settings["measure"], cell.settings["decode"]
     new_tokens = int(dec["new_tokens"])
     prompt_len = cell.seq_len - new_tokens
-    if cell.backend not in GENERATORS:
-        raise ValueError(f"decode: backend {cell.backend!r} is not supported (supported: {', '.join(GENERATORS)})")
-    gen = GENERATORS[cell.backend](cell)
+    backend = backend_for(cell)
+    gen = backend.generator(cell)
+
+    def sync() -> None:
+        backend.sync(cell)
     rng = np.random.default_rng(cell.seed)
     prompt = rng.integers(0, gen.model.config.vocab_size, size=(cell.batch, prompt_len)).astype(np.int64)
 
     t_first = time.perf_counter()
-    _generate(gen, prompt, new_tokens, cell.device)  # warm-up
+    _generate(gen, prompt, new_tokens, sync)  # warm-up
     first_call_s = time.perf_counter() - t_first
     ttfts, step_s, gen_rates = [], [], []
     start = time.perf_counter()
     while len(ttfts) < int(measure["min_count"]) or time.perf_counter() - start < float(measure["min_time_s"]):
-        ttft, steps = _generate(gen, prompt, new_tokens, cell.device)
+        ttft, steps = _generate(gen, prompt, new_tokens, sync)
         ttfts.append(ttft)
         step_s.extend(steps)
         gen_rates.append(cell.batch * len(steps) / sum(steps))
 
-    result = WorkloadResult()
+    result = WorkloadResult(engine=gen.engine_name)
     src = f"perf_counter_ns, prompt {prompt_len}, {new_tokens} new tokens, greedy"
     for metric, values in (("ttft_ms", ttfts), ("latency_ms", step_s)):
         s = summarize(np.asarray(values) * 1e3)

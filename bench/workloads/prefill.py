@@ -6,44 +6,24 @@ Pass 1 times the forward (warm-up covers compilation), pass 2 measures peak memo
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
 import torch
 
 from loopscope.bench.context import RunContext
+from loopscope.bench.engines import PrefillCall, backend_for
 from loopscope.bench.matrix import Cell
 from loopscope.bench.meters.memory import estimate_row
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import DTYPES, build_model, loop_kwargs, synchronize
+from loopscope.bench.workloads.common import DTYPES
 
 
-def forward_fn(cell: Cell) -> tuple[Callable[[], object], torch.nn.Module]:
-    """The call to time, for the cell's backend; the model is returned for accounting."""
-    model = build_model(cell).to(DTYPES[cell.dtype]).eval()
-    gen = torch.Generator().manual_seed(cell.seed)
-    idx = torch.randint(0, model.config.vocab_size, (cell.batch, cell.seq_len), generator=gen).to(cell.device)
-    kwargs = loop_kwargs(cell)
-    if cell.backend == "numba":
-        from loopscope.kernels.engine import NumbaEngine
-
-        engine = NumbaEngine.from_model(model)
-        tokens = idx.cpu().numpy()
-        return functools.partial(engine.prefill, tokens, **kwargs), model  # .func.__self__: the engine
-    if cell.backend == "torch-compile":
-        compiled = torch.compile(model)
-
-        def call() -> object:
-            with torch.inference_mode():
-                return compiled(idx, **kwargs)
-        return call, model
-
-    def call_eager() -> object:
-        with torch.inference_mode():
-            return model(idx, **kwargs)
-    return call_eager, model
+def forward_fn(cell: Cell) -> tuple[PrefillCall, torch.nn.Module]:
+    """The call to time, as the cell's backend runs it (bench/engines.py); the model is returned for accounting."""
+    call = backend_for(cell).prefill(cell)
+    return call, call.model
 
 
 def analytic_memory_rows(cell: Cell) -> list[dict]:
@@ -92,8 +72,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
 
     measure = cell.settings["measure"]
 
+    backend = backend_for(cell)
+
     def sync() -> None:
-        synchronize(cell.device)
+        backend.sync(cell)
     tokens = cell.batch * cell.seq_len
     result = WorkloadResult()
 
@@ -111,7 +93,8 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
 
     health_before = gpu_health(cell.device)
     timed = timing.measure(call, min_time_s=float(measure["min_time_s"]), min_count=int(measure["min_count"]),
-                           warmup=max(int(measure["warmup"]), 1), sync=sync, device=cell.device)
+                           warmup=max(int(measure["warmup"]), 1), sync=sync, device=backend.timing_device(cell))
+    result.engine = call.engine_name
     result.rows += throttle_rows(health_before, gpu_health(cell.device))
     result.rows += timed.latency_rows()
     result.rows += timed.throughput_rows(units_per_call=tokens)
@@ -129,8 +112,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     if ctx.trace:  # last, so the profiler never disturbs the timed, memory or energy passes
         from loopscope.bench.profiling import profile_forward_rows
 
-        engine = call.func.__self__ if isinstance(call, functools.partial) else None
-        result.rows += profile_forward_rows(cell, ctx, call, timed.median_s, engine=engine)
+        result.rows += profile_forward_rows(cell, ctx, call, timed.median_s, engine=call.numba_engine)
     return result
 
 

@@ -105,8 +105,11 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     steps = max(tokens // (cell.batch * cell.seq_len), 1)
     offsets = batch_offsets(len(tok.train), cell.seq_len, cell.batch, steps, cell.seed)
 
+    from loopscope.bench.engines import backend_for
+
     torch.manual_seed(cell.seed)
-    model = build_model(cell)
+    backend = backend_for(cell)
+    model = backend.prepare_model(build_model(cell))
     model.train()
     opt = build_optimizers(model, {**train, "lr": cell.lr})
     partial = checkpoint_path(ctx, cell, partial=True)
@@ -133,6 +136,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         value = float(loss.detach())
         if not math.isfinite(value):
             result.status, result.reason = "diverged", f"non-finite loss ({value}) at step {step}"
+            result.engine = backend.model_engine_name(model)
             result.rows.append(metric_row("diverged_step", step, "step"))
             result.add_samples("train_loss", "nats/token", losses)
             raise Diverged(result.reason, result)
@@ -182,6 +186,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     else:
         result.rows.append(unmeasured("tokens_per_s", "tokens/s", "unavailable: resumed after the last step"))
     result.add_samples("train_loss", "nats/token", losses)
+    result.engine = backend.model_engine_name(model)
     result.rows.extend(_state_rows(model, tok.val, cell))
     if ctx.trace:  # activation memory vs loop count and mu_bwd: a few one-sequence forwards, no steps
         from loopscope.bench.profiling import activation_rows
