@@ -88,19 +88,24 @@ class TorchCompileBackend(TorchBackend):
         return model
 
     def model_engine_name(self, model: torch.nn.Module) -> str:
+        from loopscope.models.blocks import Block
+        from loopscope.models.compiled import has_graph
+
         made = counters["stats"]["unique_graphs"] - getattr(model, "_graphs_before", 0)
-        if not getattr(model, "_compiled_blocks", 0) or made == 0:
+        if not getattr(model, "_compiled_blocks", 0) or not (made or has_graph(Block.forward)):
             return "torch-eager (torch.compile made no graph)"
-        return f"torch.compile(inductor, per block: {model._compiled_blocks} blocks, {made} graphs)"
+        from loopscope.models.compiled import COMPILER
+
+        return f"torch.compile({COMPILER}, per block: {model._compiled_blocks} blocks, {made} graphs)"
 
     def prefill(self, cell: Cell) -> PrefillCall:
-        from loopscope.models.compiled import default_mode, draw_h0
+        from loopscope.models.compiled import compile_options, compiler_label, default_mode, draw_h0
 
         model = build_model(cell).to(DTYPES[cell.dtype]).eval()
         idx = _prompt(cell, model.config.vocab_size).to(cell.device)
         kwargs = loop_kwargs(cell)
         mode = default_mode(cell.device)
-        compiled = torch.compile(model, mode=mode, dynamic=False)
+        compiled = torch.compile(model, dynamic=False, **compile_options(mode))
         before = counters["stats"]["unique_graphs"]
         cuda = cell.device.startswith("cuda")
 
@@ -113,8 +118,8 @@ class TorchCompileBackend(TorchBackend):
                 return compiled(idx, **kwargs, **extra)
 
         def engine_name() -> str:
-            made = counters["stats"]["unique_graphs"] - before
-            return f"torch.compile(inductor, {mode})" if made else "torch-eager (torch.compile made no graph)"
+            made = counters["stats"]["unique_graphs"] - before or has_graph(type(model).forward)
+            return compiler_label(mode) if made else "torch-eager (torch.compile made no graph)"
         return PrefillCall(call, model, engine_name)
 
     def generator(self, cell: Cell) -> Any:

@@ -28,5 +28,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def autocast(cell: Cell) -> torch.autocast:
+    """Mixed precision in the cell's dtype (fp32 weights, matmuls in bf16/fp16); float32 runs without it."""
+    kind = "cuda" if cell.device.startswith("cuda") else "cpu"
+    return torch.autocast(kind, dtype=DTYPES[cell.dtype], enabled=cell.dtype != "float32")
+
+
 def loop_kwargs(cell: Cell) -> dict[str, int]:
     return {} if cell.loops_test is None else {"loops": int(cell.loops_test)}

@@ -21,7 +21,7 @@ from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row
 from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import build_model, loop_kwargs, reseed
+from loopscope.bench.workloads.common import autocast, build_model, loop_kwargs, reseed
 
 LN2 = math.log(2.0)
 
@@ -110,8 +110,9 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     bpbs, ppls = [], []
     for s in range(seeds):
         reseed(model, 10_000 + s)  # h0 draws differ per eval seed and match across models
-        nll, count, n_bytes = heldout_nll(model, tokens, cell.seq_len, cell.batch, stride, cell.device,
-                                          token_bytes=tok.token_bytes, **loop_kwargs(cell))
+        with autocast(cell):
+            nll, count, n_bytes = heldout_nll(model, tokens, cell.seq_len, cell.batch, stride, cell.device,
+                                              token_bytes=tok.token_bytes, **loop_kwargs(cell))
         bpbs.append(bits_per_byte(nll, n_bytes))
         ppls.append(math.exp(nll / count))
     result = WorkloadResult(engine=backend.model_engine_name(model))

@@ -22,7 +22,7 @@ from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import Diverged, WorkloadResult
-from loopscope.bench.workloads.common import build_model, reseed, synchronize
+from loopscope.bench.workloads.common import autocast, build_model, reseed, synchronize
 from loopscope.bench.workloads.optimizers import Optimizers, build_optimizers
 
 SPIKE_WINDOW = 50
@@ -118,8 +118,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     if start:
         result.rows.append(metric_row("resumed_from_step", start, "step", source="checkpoint"))
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cell.device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False))
+    amp = autocast(cell)  # the cell's dtype, as labelled: float32 runs in fp32 on every device
     step_times: list[float] = []
     spikes = 0
     every = int(train["checkpoint_every"])
@@ -131,7 +130,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
             group["lr"] = lr_at(step, steps, cell.lr, train["warmup_frac"], train["cooldown_frac"])
         x, y = get_batch(tok.train, offsets[step], cell.seq_len, cell.device)
         stats = {} if (step % stats_every == 0 or step == steps - 1) and cell.family != "gpt" else None
-        with autocast:  # the family's own objective: cross-entropy (+ the ACT ponder cost for ut)
+        with amp:  # the family's own objective: cross-entropy (+ the ACT ponder cost for ut)
             loss = model.compute_loss(x, y, stats=stats)
         value = float(loss.detach())
         if not math.isfinite(value):
