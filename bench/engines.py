@@ -99,7 +99,7 @@ class TorchCompileBackend(TorchBackend):
         return f"torch.compile({COMPILER}, per block: {model._compiled_blocks} blocks, {made} graphs)"
 
     def prefill(self, cell: Cell) -> PrefillCall:
-        from loopscope.models.compiled import compile_options, compiler_label, default_mode, draw_h0
+        from loopscope.models.compiled import compile_options, compiler_label, default_mode, draw_h0, has_graph
 
         model = build_model(cell).to(DTYPES[cell.dtype]).eval()
         idx = _prompt(cell, model.config.vocab_size).to(cell.device)

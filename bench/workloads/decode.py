@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,6 +93,13 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     if not math.isclose(kv, expected, rel_tol=1e-9):
         result.rows.append(metric_row("kv_accounting_error", (kv - expected) / expected, "fraction",
                                       source="measured vs analytic KV bytes"))
+    from loopscope.bench.roofline import decode_bw_rows
+
+    llc, llc_name = last_level_cache(cell.device)
+    result.rows += decode_bw_rows(cfg, cell.batch, prompt_len + new_tokens // 2, cell.loops_test,
+                                  torch.finfo(DTYPES[cell.dtype]).bits // 8, float(np.median(step_s)),
+                                  float(ctx.calibration.get("mem_bw_bytes_per_s", math.nan)),
+                                  llc_bytes=llc, llc_name=llc_name)
     if cell.family != "gpt":
         result.rows += deviation_rows(cell, prompt[:1, : min(prompt_len, 48)])
     if ctx.trace:  # after every timed generation, so the profiler never disturbs them
@@ -99,6 +107,28 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
 
         result.rows += profile_generation_rows(cell, ctx, gen, prompt, new_tokens, float(np.median(step_s)))
     return result
+
+
+def last_level_cache(device: str) -> tuple[float, str]:
+    """(bytes, name) of the device's last-level cache: a GPU's L2, a CPU's highest cache level; NaN if unknown."""
+    if device.startswith("cuda"):
+        try:
+            props = torch.cuda.get_device_properties(torch.device(device))
+            return float(props.L2_cache_size), f"{props.name} L2"
+        except (RuntimeError, AssertionError, AttributeError):
+            return math.nan, "GPU L2"
+    levels: dict[int, float] = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        levels[level] = float(size.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+    if not levels:
+        return math.nan, "CPU cache"
+    top = max(levels)
+    return levels[top], f"CPU L{top}"
 
 
 def deviation_rows(cell: Cell, idx: np.ndarray) -> list[dict]:
