@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch._dynamo.utils import counters
 
 from loopscope.bench.backends import BACKENDS, BackendUnavailable, canonical_backend
 from loopscope.bench.matrix import Cell
@@ -35,6 +34,13 @@ class PrefillCall:
     @property
     def engine_name(self) -> str:
         return self._engine_name()
+
+
+def _graphs_made() -> int:
+    """Graphs torch.compile has made in this process (imported lazily: torch._dynamo costs seconds to import)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _prompt(cell: Cell, vocab: int) -> torch.Tensor:
@@ -84,14 +90,14 @@ class TorchCompileBackend(TorchBackend):
         from loopscope.models.compiled import compile_blocks
 
         model._compiled_blocks = compile_blocks(model)  # type: ignore[attr-defined]
-        model._graphs_before = counters["stats"]["unique_graphs"]  # type: ignore[attr-defined]
+        model._graphs_before = _graphs_made()  # type: ignore[attr-defined]
         return model
 
     def model_engine_name(self, model: torch.nn.Module) -> str:
         from loopscope.models.blocks import Block
         from loopscope.models.compiled import has_graph
 
-        made = counters["stats"]["unique_graphs"] - getattr(model, "_graphs_before", 0)
+        made = _graphs_made() - getattr(model, "_graphs_before", 0)
         if not getattr(model, "_compiled_blocks", 0) or not (made or has_graph(Block.forward)):
             return "torch-eager (torch.compile made no graph)"
         from loopscope.models.compiled import COMPILER
@@ -106,7 +112,7 @@ class TorchCompileBackend(TorchBackend):
         kwargs = loop_kwargs(cell)
         mode = default_mode(cell.device)
         compiled = torch.compile(model, dynamic=False, **compile_options(mode))
-        before = counters["stats"]["unique_graphs"]
+        before = _graphs_made()
         cuda = cell.device.startswith("cuda")
 
         def call() -> object:
@@ -118,7 +124,7 @@ class TorchCompileBackend(TorchBackend):
                 return compiled(idx, **kwargs, **extra)
 
         def engine_name() -> str:
-            made = counters["stats"]["unique_graphs"] - before or has_graph(type(model).forward)
+            made = _graphs_made() - before or has_graph(type(model).forward)
             return compiler_label(mode) if made else "torch-eager (torch.compile made no graph)"
         return PrefillCall(call, model, engine_name)
 

@@ -17,7 +17,7 @@ from loopscope.bench.matrix import Cell
 from loopscope.bench.meters.memory import estimate_row
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import DTYPES
+from loopscope.bench.workloads.common import DTYPES, idle_power_once
 
 
 def forward_fn(cell: Cell) -> tuple[PrefillCall, torch.nn.Module]:
@@ -92,8 +92,14 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     result.rows += analytic_memory_rows(cell)
 
     health_before = gpu_health(cell.device)
-    timed = timing.measure(call, min_time_s=float(measure["min_time_s"]), min_count=int(measure["min_count"]),
-                           warmup=max(int(measure["warmup"]), 1), sync=sync, device=backend.timing_device(cell))
+    warmup = max(int(measure["warmup"]), 1)
+    # On a GPU the energy window overlaps the timed repetitions (NVML's energy counter costs the timed calls
+    # nothing), then is topped up to its minimum length; on a CPU the RAPL poller runs in a pass of its own.
+    metered = OverlappedEnergy(call, cell, warmup, float(measure["energy_window_s"])) \
+        if measure["energy"] and cell.device.startswith("cuda") else None
+    timed = timing.measure(metered or call, min_time_s=float(measure["min_time_s"]),
+                           min_count=int(measure["min_count"]), warmup=warmup, sync=sync,
+                           device=backend.timing_device(cell))
     result.engine = call.engine_name
     result.rows += throttle_rows(health_before, gpu_health(cell.device))
     result.rows += timed.latency_rows()
@@ -107,8 +113,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     result.rows.append(metric_row("mfu", flops / peak, "fraction", source="analytic FLOPs / calibrated GEMM peak")
                        if math.isfinite(peak) else unmeasured("mfu", "fraction", "unavailable: no calibration"))
 
-    if measure["energy"]:
-        result.rows += energy_pass(call, sync, cell, tokens, float(measure["energy_window_s"]))
+    if metered is not None:
+        result.rows += metered.finish(sync, tokens, ctx.run_dir)
+    elif measure["energy"]:
+        result.rows += energy_pass(call, sync, cell, tokens, float(measure["energy_window_s"]), ctx.run_dir)
     if ctx.trace:  # last, so the profiler never disturbs the timed, memory or energy passes
         from loopscope.bench.profiling import profile_forward_rows
 
@@ -116,15 +124,52 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     return result
 
 
+class OverlappedEnergy:
+    """The timed call with an energy window that opens at the first timed (post-warm-up) call."""
+
+    def __init__(self, call: Callable[[], object], cell: Cell, warmup: int, window_s: float, *,
+                 nvml: object = None) -> None:
+        from loopscope.bench.meters import energy
+
+        self.call, self.cell, self.warmup, self.window_s = call, cell, warmup, window_s
+        self.meter = energy.EnergyMeter(cell.device, min_window_s=window_s, nvml=nvml)
+        self.available = self.meter.available()
+        self.calls = 0  # calls inside the window
+        self._seen = 0
+
+    def __call__(self) -> object:
+        if self._seen == self.warmup and self.available:
+            self.meter.__enter__()
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.calls += 1
+        return self.call()
+
+    def finish(self, sync: Callable[[], None], tokens_per_call: int, run_dir: str) -> list[dict]:
+        from loopscope.bench.meters import energy
+
+        if not self.available or self.calls == 0:
+            return energy.energy_rows(self.meter, tokens=0)
+        while self.meter.elapsed_s() < self.window_s:  # top up a window the timed calls left short
+            self.call()
+            self.calls += 1
+        sync()
+        self.meter.__exit__(None, None, None)
+        rows = energy.energy_rows(self.meter, tokens=self.calls * tokens_per_call)
+        for row in rows:
+            row["source"] += "; window overlaps the timed calls"
+        return [idle_power_once(run_dir, self.cell.device, min(self.window_s, 5.0)), *rows]
+
+
 def energy_pass(call: Callable[[], object], sync: Callable[[], None], cell: Cell, tokens_per_call: int,
-                window_s: float) -> list[dict]:
+                window_s: float, run_dir: str) -> list[dict]:
     """Repeat the call until the energy window is filled; NaN with the reason when unavailable."""
     from loopscope.bench.meters import energy
 
     probe = energy.EnergyMeter(cell.device, min_window_s=window_s)
     if not probe.available():
         return energy.energy_rows(probe, tokens=0)
-    rows = [energy.idle_power_row(cell.device, seconds=min(window_s, 5.0))]  # the floor under the pass
+    rows = [idle_power_once(run_dir, cell.device, min(window_s, 5.0))]  # the floor under the pass
     calls = 0
     with energy.EnergyMeter(cell.device, min_window_s=window_s) as meter:
         while meter.elapsed_s() < window_s or calls == 0:
