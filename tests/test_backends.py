@@ -202,3 +202,22 @@ def test_declared_cuda_combination_runs_through_a_seam(tmp_path, backend, worklo
     assert record["status"] == "ok"
     assert record["engines"] == [_expected_engine(backend)]
     assert record["tps"] and all(v > 0 for v in record["tps"])
+
+
+def test_numba_cuda_that_cannot_compile_is_unavailable_with_the_error(monkeypatch):
+    """The H200 failure (numpy 2.5 without row_stack inside numba-cuda's compiler) becomes the reason."""
+    from loopscope.bench.backends import BackendUnavailable
+    from loopscope.bench.engines import NumbaCudaBackend
+
+    class BrokenEngine:
+        @classmethod
+        def from_model(cls, model):
+            return cls()
+
+        def prefill(self, tokens, **kwargs):
+            raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    backend = NumbaCudaBackend()
+    monkeypatch.setattr(backend, "engine_class", lambda: BrokenEngine)
+    with pytest.raises(BackendUnavailable, match="cannot compile.*row_stack"):
+        backend.build_engine(object())

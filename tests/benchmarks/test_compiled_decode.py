@@ -31,6 +31,17 @@ def tokens_per_s(dec: Decoder, prompt: torch.Tensor) -> float:
 
 
 def compare(name: str, loops: int | None = 4) -> dict[str, float]:
+    """One intra-op thread: batch-1 decode of a tiny model has nothing to split, and on a shared machine extra
+    threads only spin against each other (both decoders run under the same setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compare(name, loops)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare(name: str, loops: int | None) -> dict[str, float]:
     torch._dynamo.reset()
     model = build(name, seed=0).eval()
     prompt = torch.randint(0, 256, (1, 32), generator=torch.Generator().manual_seed(0))
