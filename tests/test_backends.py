@@ -221,3 +221,14 @@ def test_numba_cuda_that_cannot_compile_is_unavailable_with_the_error(monkeypatc
     monkeypatch.setattr(backend, "engine_class", lambda: BrokenEngine)
     with pytest.raises(BackendUnavailable, match="cannot compile.*row_stack"):
         backend.build_engine(object())
+
+
+def test_gpu_smoke_profile_covers_every_gpu_path():
+    cells = expand(load_profile("gpu-smoke"))
+    assert {c.device for c in cells} == {"cuda"}
+    trained = {c.model for c in cells if c.workload == "train"}
+    assert trained == {"gpt-140m", "parcae-140m"} and {c.model for c in cells if c.workload == "eval"} == trained
+    for workload in ("prefill", "decode"):
+        got = {(c.model, c.backend) for c in cells if c.workload == workload}
+        assert got == {(m, b) for m in ("gpt-140m", "parcae-140m", "gpt-1.3b", "parcae-1.3b")
+                       for b in ("torch", "torch-compile", "numba-cuda")}, workload
