@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loopscope.bench.backends import refusal
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.tokenizer import vocab_size
 from loopscope.bench.workloads.optimizers import OPTIMIZERS
@@ -218,14 +219,9 @@ def _make_cell(axes: dict[str, Any], configs: dict[str, dict[str, Any]],
         return None  # already reported
     cfg = configs[name]
     looped = cfg["family"] != "gpt"
-    if axes["backend"].startswith("numba-cuda") != axes["device"].startswith("cuda"):
-        if axes["backend"] == "numba-cuda" or axes["backend"] == "numba":
-            errors.append(f"{label}: backend {axes['backend']!r} does not run on device {axes['device']!r} "
-                          "(numba runs on cpu, numba-cuda on cuda)")
-            return None
-    if axes["dtype"] != "float32" and axes["backend"].startswith("numba"):
-        errors.append(f"{label}: backend {axes['backend']!r} supports dtype float32 only, "
-                      f"not {axes['dtype']!r}")
+    refused = refusal(axes["backend"], workload, axes["device"], axes["dtype"])
+    if refused:
+        errors.append(f"{label}: {refused}")
         return None
     run = settings["profile"]
     base = dict(model=name, model_config=cfg, workload=workload, backend=axes["backend"],

@@ -23,7 +23,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
 SAMPLE_COLUMNS: tuple[str, ...] = ("run_id", "cell_id", "metric", "unit", "index", "value")
 
 # Cell statuses (DESIGN.md): a failing cell is a row with one of these, never a lost result.
-STATUSES: tuple[str, ...] = ("ok", "oom", "timeout", "diverged", "error", "skipped")
+STATUSES: tuple[str, ...] = ("ok", "oom", "timeout", "diverged", "error", "skipped", "unavailable")
 
 
 def metric_row(metric: str, value: float | None, unit: str, *, source: str = "measured",

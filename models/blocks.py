@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import CacheKey, KVCache
+from .cache import CacheKey, KVCache, StaticKVCache
 from .config import ModelConfig
 
 VE_GATE_CHANNELS = 32  # nanochat: the value-embedding gate reads the first 32 channels of the input
@@ -90,11 +90,13 @@ class RMSNorm(nn.Module):
         return y.type_as(x)
 
 
-def rope_tables(start: int, length: int, head_dim: int, theta: float,
+def rope_tables(start: int | torch.Tensor, length: int, head_dim: int, theta: float,
                 device: torch.device, condense: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for positions [start, start+length) (divided by `condense`), shape [length, head_dim/2], fp32."""
+    """cos/sin for positions [start, start+length) (divided by `condense`), shape [length, head_dim/2], fp32.
+    `start` may be a 0-d tensor (a static cache's position), so a compiled decode step does not specialise
+    on it."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    pos = torch.arange(length, device=device, dtype=torch.float32) + start
     if condense != 1.0:
         pos = pos / condense
     angles = torch.outer(pos, inv_freq)
@@ -134,7 +136,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 value_embed: torch.Tensor | None = None,
-                kv: tuple[KVCache, CacheKey] | None = None) -> torch.Tensor:
+                kv: tuple[KVCache | StaticKVCache, CacheKey] | None = None) -> torch.Tensor:
         B, T, d = x.shape
         q = self.q(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k(x).view(B, T, self.n_heads, self.head_dim)
@@ -156,15 +158,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             cache, key = kv
-            start = cache.pos
-            k, v = cache.write(key, k, v)
-            if T == 1:
-                y = F.scaled_dot_product_attention(q, k, v)
-            elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:  # a chunk after a prefix: query i sees keys up to start+i (SDPA's is_causal is top-left)
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = cache.attend(key, q, k, v)
         return self.o(y.transpose(1, 2).reshape(B, T, d))
 
 
@@ -207,7 +201,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 value_embed: torch.Tensor | None = None,
-                kv: tuple[KVCache, CacheKey] | None = None) -> torch.Tensor:
+                kv: tuple[KVCache | StaticKVCache, CacheKey] | None = None) -> torch.Tensor:
         if self.sandwich:
             x = self.norm2(x + self.attn(self.norm1(x), rope, value_embed, kv))
             return self.norm4(x + self.mlp(self.norm3(x)))

@@ -86,6 +86,8 @@ class LoopPlan:
 
     nograd: torch.Tensor  # [B] int64 on CPU
     grad: torch.Tensor    # [B] int64 on CPU
+    fixed: tuple[int, int] | None = None  # (nograd, grad) as Python ints when every sequence runs the same
+                                          # count: the loop then unrolls under torch.compile, no graph break
 
     @property
     def total(self) -> torch.Tensor:
@@ -93,6 +95,8 @@ class LoopPlan:
 
     @property
     def uniform(self) -> bool:
+        if self.fixed is not None:
+            return True
         return bool((self.nograd == self.nograd[0]).all() and (self.grad == self.grad[0]).all())
 
 
@@ -122,15 +126,16 @@ def plan_loops(cfg: ModelConfig, batch: int, loops: int | None, training: bool,
     """`loops` given: exactly that many. Training without `loops`: the family's sampler. Eval: mu_rec.
     Backprop reaches only the last min(T, mu_bwd) loops of each sequence."""
     assert cfg.mu_bwd is not None
-    if loops is not None:
-        if loops < 1:
-            raise ValueError(f"{cfg.family}: loops={loops} must be >= 1")
-        total = torch.full((batch,), loops, dtype=torch.int64)
-    elif not training or cfg.loop_sampler == "fixed":
-        total = torch.full((batch,), cfg.mu_rec, dtype=torch.int64)
-    else:
-        n_draws = batch if cfg.loop_scope == "sequence" else 1
-        total = sample_loop_counts(cfg, n_draws, gen).expand(batch).clone()
+    if loops is not None or not training or cfg.loop_sampler == "fixed":
+        count = cfg.mu_rec if loops is None else loops
+        if count < 1:
+            raise ValueError(f"{cfg.family}: loops={count} must be >= 1")
+        grad_count = min(count, cfg.mu_bwd)
+        return LoopPlan(nograd=torch.full((batch,), count - grad_count, dtype=torch.int64),
+                        grad=torch.full((batch,), grad_count, dtype=torch.int64),
+                        fixed=(count - grad_count, grad_count))
+    n_draws = batch if cfg.loop_scope == "sequence" else 1
+    total = sample_loop_counts(cfg, n_draws, gen).expand(batch).clone()
     grad = total.clamp(max=cfg.mu_bwd)
     return LoopPlan(nograd=total - grad, grad=grad)
 
@@ -225,8 +230,8 @@ def run_loops(step: Callable[[torch.Tensor, int], torch.Tensor], h: torch.Tensor
     residual = float("nan")
     loop = 0
     exited = False
-    for phase, counts in (("nograd", plan.nograd), ("grad", plan.grad)):
-        n_steps = int(counts.max())
+    for i, (phase, counts) in enumerate((("nograd", plan.nograd), ("grad", plan.grad))):
+        n_steps = plan.fixed[i] if plan.fixed is not None else int(counts.max())
         with torch.set_grad_enabled(phase == "grad" and torch.is_grad_enabled()):
             for s in range(n_steps):
                 with region(loop_label(loop)):

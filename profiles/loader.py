@@ -19,6 +19,8 @@ from typing import Any
 
 import tomllib
 
+from loopscope.bench.backends import BACKENDS as BACKEND_SPECS
+from loopscope.bench.backends import canonical_backend
 from loopscope.bench.errors import ConfigError
 
 NUM = (int, float)
@@ -92,7 +94,7 @@ AXIS_RANGES: dict[str, Range] = {"batch": Range(1, 65536), "seq_len": Range(1, 2
                                  "loops_test": Range(1, 4096), "lr": Range(0, 10, lo_open=True)}
 SWEEP_KEYS = set(AXES) | {"name", "include", "exclude"}
 WORKLOADS = ("train", "eval", "prefill", "decode", "kernels")
-BACKENDS = ("torch", "torch-compile", "numba", "numba-cuda")
+BACKENDS = tuple(BACKEND_SPECS)  # one spelling each; aliases are normalised when a profile is loaded
 DTYPES = ("float32", "bfloat16", "float16")
 KV_POLICIES = ("per-loop", "last-loop")
 
@@ -232,6 +234,28 @@ def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
                         errors.append(f"{where}: {label}.{rule_key} uses unknown axis {k!r}")
 
 
+def _normalise_backends(data: dict[str, Any]) -> None:
+    """Rewrite backend aliases (e.g. `torch.compile`) to their one spelling; unknown names stay for the
+    matrix to report."""
+    def norm(value: Any) -> Any:
+        if isinstance(value, list):
+            return [norm(v) for v in value]
+        return (canonical_backend(value) or value) if isinstance(value, str) else value
+
+    sweeps = data.get("sweep")
+    if not isinstance(sweeps, list):
+        return
+    for sweep in sweeps:
+        if not isinstance(sweep, dict):
+            continue
+        if "backend" in sweep:
+            sweep["backend"] = norm(sweep["backend"])
+        for rule_key in ("include", "exclude"):
+            for rule in sweep.get(rule_key, []) if isinstance(sweep.get(rule_key), list) else []:
+                if isinstance(rule, dict) and "backend" in rule:
+                    rule["backend"] = norm(rule["backend"])
+
+
 def load_profile(name_or_path: str, *, _seen: tuple[str, ...] = ()) -> Profile:
     """Read, extend and validate a profile; raise ConfigError listing every problem."""
     path = resolve_profile_path(name_or_path)
@@ -252,6 +276,7 @@ def load_profile(name_or_path: str, *, _seen: tuple[str, ...] = ()) -> Profile:
         if own_sweeps is not None:
             data["sweep"] = own_sweeps
         data["profile"].pop("extends", None)
+    _normalise_backends(data)
     _validate(path, data, errors)
     if errors:
         raise ConfigError("\n".join(errors))
