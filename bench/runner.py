@@ -15,6 +15,7 @@ from loopscope.bench.context import RunContext
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.executor import LocalExecutor
 from loopscope.bench.matrix import Cell, expand, resolved_settings
+from loopscope.bench.meters.calibration import CalibrationProbes
 from loopscope.bench.progress import Progress
 from loopscope.bench.store import RunStore
 from loopscope.profiles.loader import Profile, load_profile
@@ -172,7 +173,8 @@ def _run_locked(store: RunStore, profile: Profile, cells: list[Cell], opts: RunO
 
     memory_limit = int(float(settings["memory_limit_gb"]) * 2**30)
     executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit)
-    progress = Progress(len(pending))
+    progress = Progress(len(pending), estimates=[_estimate(c)[0] for c in pending])
+    probes = CalibrationProbes.resume(old, calibration, settings.get("device", "cpu"))
     statuses = {cid: r["status"] for cid, r in records.items()}
     startups: list[float] = []
     try:
@@ -186,10 +188,11 @@ def _run_locked(store: RunStore, profile: Profile, cells: list[Cell], opts: RunO
             if record.get("startup_s"):
                 startups.append(record["startup_s"])
             progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
+            probes.after_cell(cell.cell_id)  # load during the cell; a calibration probe every few minutes
             store.write_tables()
     finally:
         progress.close()
-    manifest = store.read_manifest()
+    manifest = {**store.read_manifest(), **probes.manifest_entries()}
     if startups:
         manifest["cell_fixed_cost_s"] = {"median_startup_s": statistics.median(startups),
                                          "what": "worker process start-up and imports, before the workload"}
