@@ -184,6 +184,15 @@ def at_training_loops(quality: pd.DataFrame) -> pd.DataFrame:
     return q.sort_values(["model", "value"]).drop_duplicates("model").drop(columns="_gap")
 
 
+def at_training_loops_per_cell(quality: pd.DataFrame) -> pd.DataFrame:
+    """The rows at each model's training mean loops (or the evaluated T closest to it), every seed and
+    learning rate kept (at_training_loops keeps one row per model)."""
+    if quality.empty:
+        return quality
+    gap = (quality["loops_test"].astype(float) - quality["loops_train"].astype(float)).abs().fillna(0.0)
+    return quality[gap == gap.groupby(quality["model"]).transform("min")]
+
+
 def train_record(run: RunData, eval_cell_id: str) -> dict[str, Any] | None:
     """The record of the train cell an eval cell read its checkpoint from."""
     record = run.cells.get(eval_cell_id)

@@ -55,3 +55,10 @@ def test_eta_scales_the_remaining_estimates_by_the_measured_ratio():
     progress = Progress(2, stream=out, estimates=[60.0, 3600.0])
     progress.starting("train gpt-tiny")
     assert "eta 1:01:00" in out.getvalue()
+
+
+def test_cpu_full_calibration_skips_emulated_fp16():
+    from loopscope.bench.meters.calibration import cpu_has_native_fp16, plan_for
+
+    assert plan_for("cpu", quick=False).with_fp16 == cpu_has_native_fp16()
+    assert plan_for("cuda:0", quick=False).with_fp16
