@@ -494,13 +494,17 @@ def matched_pairs(run: RunData, kind: str) -> pd.DataFrame:
                                "match ratio": lk / dk}
         if kind == "iso-memory":
             row["context"] = lm.context
+        # bpb is only compared within one training recipe (groups.py); speeds share one measured setting.
+        same_recipe = outcomes.get((lm.model, "recipe")) == outcomes.get((best.model, "recipe"))
         for name in ("bpb", "prefill tokens/s", "decode tokens/s"):
             a = outcomes.get((lm.model, name), math.nan)
             b = outcomes.get((best.model, name), math.nan)
             if math.isnan(a) and math.isnan(b):
                 continue
             row[f"looped {name}"], row[f"dense {name}"] = a, b
-            row[f"{name} ratio"] = a / b if b else math.nan
+            row[f"{name} ratio"] = a / b if b and (name != "bpb" or same_recipe) else math.nan
+            if name == "bpb" and not same_recipe:
+                row["bpb compared"] = "no: trained on different recipes"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -508,10 +512,16 @@ def matched_pairs(run: RunData, kind: str) -> pd.DataFrame:
 def _model_outcomes(run: RunData) -> dict[tuple[str, str], float]:
     """(model, outcome) -> value: bpb at training loops; prefill/decode tokens/s of the torch backend
     on the device/batch/context shared by most models, at training loops (looped) or as is (dense)."""
-    out: dict[tuple[str, str], float] = {}
-    q = at_training_loops(quality_frame(run))
-    for _, r in q.iterrows():
-        out[(r["model"], "bpb")] = float(r["value"])
+    from loopscope.reports import groups
+
+    out: dict[tuple[str, str], Any] = {}
+    scores = groups.model_scores(groups.quality_groups(run))
+    if not scores.empty:
+        main = groups.main_group(scores)
+        scores = scores.assign(_main=scores["group_key"] != main).sort_values("_main", kind="stable")
+        for _, r in scores.drop_duplicates("model").iterrows():  # a model's main-group mean over seeds
+            out[(r["model"], "bpb")] = float(r["bpb"])
+            out[(r["model"], "recipe")] = r["group_key"]
     speed = speed_frame(run)
     if speed.empty:
         return out

@@ -134,12 +134,11 @@ class Difference:
     def text(self, unit: str = "") -> str:
         """'-3.1% [95% CI -4.0, -2.2] over 3 vs 3 seeds' with the verdict when it is not a difference."""
         core = f"{self.rel * 100:+.1f}%"
-        if self.spread_known:
-            core += f" [95% CI {self.rel_low * 100:+.1f}, {self.rel_high * 100:+.1f}]"
-        core += f" over {self.n_a} vs {self.n_b} seed{'s' if max(self.n_a, self.n_b) > 1 else ''}"
-        if not self.real:
-            core += f": {self.verdict}"
-        return core
+        if not self.spread_known:
+            return core + " (one seed each: spread unknown)"
+        core += (f" [95% CI {self.rel_low * 100:+.1f}, {self.rel_high * 100:+.1f}] over {self.n_a} vs {self.n_b} "
+                 "seeds")
+        return core + (": within seed noise" if not self.real else "")
 
 
 def difference(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> Difference:
