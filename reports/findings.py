@@ -112,9 +112,10 @@ def quality_findings(run: RunData, q: pd.DataFrame | None = None) -> list[Findin
                            + "; ".join(flop_notes) + " for the results above)."))
     others = scores[scores["group_key"] != main].drop_duplicates("group_key")
     if not others.empty:
+        listed = [f"{r['group']}: {', '.join(scores.loc[scores['group_key'] == r['group_key'], 'model'])}"
+                  for _, r in others.iterrows()]
         out.append(Finding("other recipes", "Not compared with the above (trained on another recipe): "
-                           + "; ".join(f"{r['group']}: {', '.join(scores.loc[scores['group_key'] == r['group_key'], 'model'])}"
-                                       for _, r in others.iterrows()) + "."))
+                           + "; ".join(listed) + "."))
     return out
 
 
