@@ -96,6 +96,14 @@ def annotate(results: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
     return out.assign(validity=validity(out, manifest))
 
 
+def cell_flags(results: pd.DataFrame) -> dict[str, str]:
+    """cell_id -> its distinct flags joined (cells whose rows are all ok are absent)."""
+    if "validity" not in results.columns:
+        return {}
+    bad = results[results["validity"] != OK]
+    return {cid: "; ".join(dict.fromkeys("; ".join(g).split("; "))) for cid, g in bad.groupby("cell_id")["validity"]}
+
+
 def gate_refusals(results: pd.DataFrame, manifest: dict[str, Any], metrics: set[str] | None = None) -> list[str]:
     """One line per flagged row of the given metrics (all when None): the gate refuses to judge on these.
 
