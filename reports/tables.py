@@ -19,8 +19,8 @@ from loopscope.reports.frames import DENSE_FAMILY, RunData
 REASON_CHARS = 160
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "family", "model", "params (unique)", "params (non-embedding)", "training loops", "effective depth",
-    "train loss (nats)", "bpb", "bpb seed std", "seeds", "bpb at T", "recipe group", "best prefill tokens/s", "best decode tokens/s",
-    "peak memory (prefill)", "cells ok",
+    "train loss (nats)", "bpb", "bpb seed std", "seeds", "bpb at T", "recipe group", "best prefill tokens/s",
+    "best decode tokens/s", "peak memory (prefill)", "cells ok",
 )
 
 

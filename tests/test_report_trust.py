@@ -22,8 +22,8 @@ from loopscope.profiles.loader import load_profile
 from loopscope.reports import charts as charts_module
 from loopscope.reports import findings as findings_module
 from loopscope.reports import frames, groups, tables, validity
-from loopscope.reports.report import findings_json, load_checked, write_report
-from tests.test_report import _cfg, _manifest, _record, RunSpec
+from loopscope.reports.report import load_checked, write_report
+from tests.test_report import RunSpec, _cfg, _manifest, _record
 
 # Recipe A: the main comparison, three seeds each. Recipe B: a small-batch lr sweep whose models look far
 # better only because they took 4x the optimizer steps: it must never be compared with recipe A.
