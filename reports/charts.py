@@ -128,7 +128,9 @@ def _model_colors(run: RunData) -> dict[str, tuple]:
     for family in dict.fromkeys(f for f, _ in pairs):
         models = [m for f, m in pairs if f == family]
         base = _family_color(family)
-        shades = [base] if len(models) == 1 else sns.dark_palette(base, len(models) + 1, reverse=True)[:-1]
+        # Shades from dark to light around the family colour, far enough apart to tell models apart.
+        dark, light = tuple(0.45 * c for c in base), tuple(c + 0.6 * (1 - c) for c in base)
+        shades = [base] if len(models) == 1 else sns.blend_palette([dark, base, light], len(models))
         colors.update(zip(models, shades, strict=True))
     return colors
 
@@ -376,34 +378,57 @@ def throughput_vs_depth(run: RunData) -> Chart | Omitted:
     df = frames.speed_frame(run)
     if df.empty:
         return Omitted(name, title, _why_no(run, ("prefill", "decode"), "tokens/s"))
-    workloads = [w for w in ("prefill", "decode") if (df["workload"] == w).any()]
     colors = _model_colors(run)
-    df = df.assign(engine=df["backend"] + " / " + df["device"])
+    df = df.assign(engine=df["backend"] + " / " + df["device"], kv=df["kv_policy"].fillna(""))
     engines = sorted(df["engine"].unique())
     markers = dict(zip(engines, "osD^vP*X", strict=False))
     styles = dict(zip(engines, ["-", "--", ":", "-."] * 3, strict=False))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.2 * len(workloads) + 1.2, 4.3), dpi=110, squeeze=False)
+    # One panel per setting: a line only joins cells of one model, engine and KV policy at one batch,
+    # context and dtype, so its slope is the cost of depth (loops) alone.
+    panel_keys = ["workload", "batch", "seq_len", "dtype"]
+    panels = [k for k, _ in df.groupby(panel_keys, sort=False)]
+    panels.sort(key=lambda k: (k[0] != "prefill", k[1], k[2], str(k[3])))
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 0.6, 3.7 * nrows + 0.6), dpi=110, squeeze=False)
     readings = []
-    for ax, workload in zip(axes[0], workloads, strict=True):
-        w = df[df["workload"] == workload]
-        keys = ["model", "engine", "batch", "seq_len", "dtype", "kv_policy"]
-        for key, g in w.groupby(keys, dropna=False, sort=True):
+    for ax, key in zip(grid.flat, panels, strict=False):
+        workload, batch, seq_len, dtype = key
+        w = df[(df["workload"] == workload) & (df["batch"] == batch) & (df["seq_len"] == seq_len)
+               & (df["dtype"] == dtype)]
+        for (model, engine, kv), g in w.groupby(["model", "engine", "kv"], sort=True):
             g = g.sort_values("effective_depth")
-            model, engine, kv = key[0], key[1], key[5]
-            label = f"{model} · {engine}" + ("" if pd.isna(kv) else f" · KV {kv}")
+            hollow = kv == "last-loop"
             ax.errorbar(g["effective_depth"], g["value"],
                         yerr=[(g["value"] - g["ci_low"]).clip(lower=0).fillna(0),
                               (g["ci_high"] - g["value"]).clip(lower=0).fillna(0)],
-                        color=colors.get(model, "C0"), marker=markers[engine], ls=styles[engine], ms=5, lw=1.2,
-                        elinewidth=0.7, capsize=2, label=label)
+                        color=colors.get(model, "C0"), marker=markers[engine], ls=styles[engine], ms=6, lw=1.3,
+                        mfc="white" if hollow else colors.get(model, "C0"), elinewidth=0.7, capsize=2)
         _log_if_wide(ax, "y", pd.concat([w["ci_low"], w["ci_high"], w["value"]]))
         _si_axis(ax, "y")
-        ax.set_xlabel("effective depth P + T·R + C (layers run per token)")
-        ax.set_ylabel(f"{workload} tokens/s (median; bars: 95% CI)")
-        ax.set_title(workload, fontsize=9)
+        depths = w["effective_depth"].dropna()
+        ax.set_xlim(max(0, depths.min() - 0.12 * (depths.max() - depths.min() + 4)),
+                    depths.max() + 0.12 * (depths.max() - depths.min() + 4))
+        ax.set_xlabel("effective depth P + T·R + C (layers per token)")
+        ax.set_ylabel(f"{workload} tokens/s (median, 95% CI)")
+        ax.set_title(f"{workload} · batch {int(batch)} × {int(seq_len)} tokens · {dtype}", fontsize=8.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        readings.append(_throughput_reading(workload, w))
-    _legend_below(fig, axes[0], ncol=2 if len(workloads) == 1 else 3)
+        first = w.sort_values("effective_depth").drop_duplicates(["model"])
+        _label_points(ax, first["effective_depth"], first["value"], first["model"], fontsize=6.5)
+        readings.append(_throughput_reading(f"{workload} (batch {int(batch)} x {int(seq_len)}, {dtype})", w))
+    for ax in list(grid.flat)[len(panels):]:
+        ax.set_axis_off()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, lw=2, label=m) for m, c in colors.items() if m in set(df["model"])]
+    handles += [Line2D([], [], color="black", ls=styles[e], marker=markers[e], label=e) for e in engines]
+    if (df["kv"] == "last-loop").any():
+        handles += [Line2D([], [], color="black", marker="o", ls="", label="KV cache per loop"),
+                    Line2D([], [], color="black", marker="o", mfc="white", ls="", label="KV cache of the last loop")]
+    rows = math.ceil(len(handles) / 4)
+    fig.set_figheight(fig.get_figheight() + 0.22 * rows)
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (0.22 * rows + 0.1) / fig.get_figheight(), 1, 1))
     return Chart(name, title, fig, "; ".join(readings) + ".")
 
 

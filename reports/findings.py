@@ -140,9 +140,9 @@ def _shared_setting(s: pd.DataFrame) -> pd.DataFrame:
     return s[mask]
 
 
-def _closest_dense(dense: pd.DataFrame, looped: pd.DataFrame) -> pd.Series:
-    """The dense model closest in unique parameters to the looped ones (the iso-parameter partner)."""
-    target = float(np.median(looped["params_unique"].astype(float)))
+def _closest_dense(dense: pd.DataFrame, looped: pd.Series) -> pd.Series:
+    """The dense row closest in unique parameters to a looped row (its iso-parameter partner)."""
+    target = float(looped["params_unique"])
     return dense.loc[(np.log(dense["params_unique"].astype(float) / target)).abs().idxmin()]
 
 
@@ -162,22 +162,24 @@ def speed_findings(run: RunData) -> list[Finding]:
             continue
         first = s.iloc[0]
         where = f"{first['backend']} on {first['device']}, batch {int(first['batch'])} x {int(first['seq_len'])} tokens"
-        dm = _closest_dense(dense, looped)
-        parts, noisy = [], []
+        parts, noisy, pairs = [], [], []
         for model, g in looped.groupby("model", sort=False):
             gap = (g["loops_test"].astype(float) - g["loops_train"].astype(float)).abs()
             lm = g.loc[gap.idxmin()]
+            dm = _closest_dense(dense, lm)
             ratio, lo, hi = _ratio_ci(lm, dm)
             ci = f" [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
-            within = np.isfinite(lo) and np.isfinite(hi) and lo <= 1 <= hi
+            within = bool(np.isfinite(lo) and np.isfinite(hi) and lo <= 1 <= hi)
             noisy.append(within)
             T = "" if pd.isna(lm["loops_test"]) else f" T={int(lm['loops_test'])}"
-            parts.append(f"{model}{T} {ratio:.2f}x{ci}" + (" (within timing noise)" if within else ""))
-        kv = " (per-loop KV cache)" if workload == "decode" else ""
-        text = (f"{workload.capitalize()} speed vs {dm['model']} ({where}{kv}; tokens/s ratio, 95% CI from "
-                f"both medians' CIs): " + "; ".join(parts) + ".")
+            parts.append(f"{model}{T} vs {dm['model']} ({lm['params_unique'] / dm['params_unique']:.2f}x its "
+                         f"parameters) {ratio:.2f}x{ci}" + (" (within timing noise)" if within else ""))
+            pairs.append({"looped": model, "dense": dm["model"], "ratio": ratio, "ci95": [lo, hi]})
+        kv = ", per-loop KV cache" if workload == "decode" else ""
+        text = (f"{workload.capitalize()} speed ({where}{kv}; tokens/s ratio, 95% CI from both medians' CIs): "
+                + "; ".join(parts) + ".")
         out.append(Finding(f"{workload} speed", text, within_noise=all(noisy) if noisy else None,
-                           numbers={"where": where, "dense": dm["model"]}))
+                           numbers={"where": where, "pairs": pairs}))
     return out
 
 
@@ -191,16 +193,24 @@ def memory_findings(run: RunData) -> list[Finding]:
     dense, looped = m[m["family"] == DENSE_FAMILY], m[m["family"] != DENSE_FAMILY]
     if dense.empty or looped.empty:
         return []
-    dm = dense.iloc[0]
+    dense = dense.assign(params_unique=[frames_params(run, c) for c in dense["cell_id"]])
+    looped = looped.assign(params_unique=[frames_params(run, c) for c in looped["cell_id"]])
     parts = []
     for (model, loops), g in looped.groupby(["model", "loops_test"], sort=False, dropna=False):
+        dm = _closest_dense(dense, g.iloc[0])
         by_policy = g.set_index("kv_policy")["kv_per_token"]
         text = f"{model} T={int(loops)}" if pd.notna(loops) else model
-        text += " " + ", ".join(f"{v / dm['kv_per_token']:.1f}x ({p})" for p, v in by_policy.items())
+        text += (f" vs {dm['model']} ({human(dm['kv_per_token'])}/token): "
+                 + ", ".join(f"{v / dm['kv_per_token']:.1f}x ({p})" for p, v in by_policy.items()))
         parts.append(text)
-    text = (f"KV cache per token vs {dm['model']} ({human(dm['kv_per_token'])}/token; batch {int(setting[0])}, "
-            f"{int(setting[1])} tokens, {setting[2]}; exact, from the cache's bytes): " + "; ".join(parts) + ".")
+    text = (f"KV cache per token (batch {int(setting[0])}, {int(setting[1])} tokens, {setting[2]}; exact, from the "
+            f"cache's bytes): " + "; ".join(parts) + ".")
     return [Finding("memory per token", text, within_noise=None)]
+
+
+def frames_params(run: RunData, cell_id: str) -> float:
+    rows = run.results[run.results["cell_id"] == cell_id]["params_unique"]
+    return float(rows.iloc[0]) if len(rows) else float("nan")
 
 
 def human(value: float) -> str:
@@ -218,17 +228,17 @@ def energy_findings(run: RunData) -> list[Finding]:
     dense, looped = s[s["family"] == DENSE_FAMILY], s[s["family"] != DENSE_FAMILY]
     if dense.empty or looped.empty:
         return []
-    dm = _closest_dense(dense, looped)
     parts = []
     for model, g in looped.groupby("model", sort=False):
         gap = (g["loops_test"].astype(float) - g["loops_train"].astype(float)).abs()
         lm = g.loc[gap.idxmin()]
+        dm = _closest_dense(dense, lm)
         T = "" if pd.isna(lm["loops_test"]) else f" T={int(lm['loops_test'])}"
-        parts.append(f"{model}{T} {lm['value'] / dm['value']:.2f}x")
+        parts.append(f"{model}{T} vs {dm['model']} {lm['value'] / dm['value']:.2f}x")
     first = s.iloc[0]
-    return [Finding("energy per token", f"Energy per token vs {dm['model']} ({first['workload']}, {first['device']}, "
-                                        f"batch {int(first['batch'])}; one energy window per cell, no interval): "
-                    + "; ".join(parts) + ".")]
+    return [Finding("energy per token", f"Energy per token ({first['workload']}, {first['backend']} on "
+                                        f"{first['device']}, batch {int(first['batch'])} x {int(first['seq_len'])}; "
+                                        "one energy window per cell, no interval): " + "; ".join(parts) + ".")]
 
 
 def loop_findings(run: RunData, q: pd.DataFrame | None = None) -> list[Finding]:

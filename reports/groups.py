@@ -45,6 +45,18 @@ def train_recipe(train_cell: dict[str, Any]) -> dict[str, Any]:
     return recipe
 
 
+def _profile_recipe(run: RunData) -> dict[str, Any]:
+    """A run read without cell records (results only): the recipe of the profile's [train] settings, which
+    misses per-sweep batch or seq_len overrides, so it says where it came from."""
+    settings = (run.manifest.get("profile") or {}).get("settings") or {}
+    if not settings:
+        return {}
+    train = {**DEFAULTS["train"], **(settings.get("train") or {})}
+    recipe = train_recipe({"settings": settings, "batch": train["batch"], "seq_len": train["seq_len"]})
+    recipe["source"] = "profile [train] settings (no cell records)"
+    return recipe
+
+
 def recipe_text(recipe: dict[str, Any], keys: list[str] | None = None) -> str:
     """A recipe (or only `keys` of it) as short readable text."""
     if not recipe:
@@ -177,12 +189,13 @@ def quality_groups(run: RunData) -> pd.DataFrame:
     if q.empty:
         return q.assign(seed=[], recipe_key=[], lr_rule=[], group=[], recipe=[], selected=[])
     seeds, recipes = [], []
+    fallback = _profile_recipe(run)
     for cid in q["cell_id"]:
         train = frames.train_record(run, cid)
         cell = (train or {}).get("cell") or {}
         record_cell = (run.cells.get(cid) or {}).get("cell") or {}
         seeds.append(int(cell.get("seed", record_cell.get("seed", 0)) or 0))
-        recipes.append(train_recipe(cell) if cell else {})
+        recipes.append(train_recipe(cell) if cell else fallback)
     if "seed" in q.columns and q["seed"].notna().any() and not run.cells:
         seeds = [int(s) if pd.notna(s) else 0 for s in q["seed"]]
     q = q.assign(seed=seeds, recipe_key=[_key(r) for r in recipes], _recipe=recipes)
