@@ -465,61 +465,86 @@ def memory_vs_context(run: RunData) -> Chart | Omitted:
     df = frames.memory_frame(run)
     if df.empty:
         return Omitted(name, title, _why_no(run, ("decode",), "weights + KV bytes come from decode cells"))
-    policies = sorted(df["kv_policy"].unique())
     colors = _model_colors(run)
-    fig, axes = plt.subplots(1, len(policies), figsize=(4.6 * len(policies) + 1.0, 4.2), dpi=110,
-                             squeeze=False, sharey=True)
+    batches = sorted(int(b) for b in df["batch"].unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.0 * len(batches) + 1.4, 4.2), dpi=110, squeeze=False)
     max_ctx = float(df["seq_len"].max())
     grid = np.linspace(0, max_ctx * 1.5, 64)
-    # Plot in one binary unit (ticks at round MiB, not at round bytes).
     largest = float((df["weights_bytes"] + df["kv_cache_bytes"] * 1.5).max())
     div, unit = bytes_unit(largest)
-    for ax, policy in zip(axes[0], policies, strict=True):
-        p = df[df["kv_policy"] == policy]
-        for key, g in p.groupby(["model", "loops_test", "batch", "dtype"], dropna=False, sort=True):
-            model, loops, batch, dtype = key
-            color = colors.get(model, "C0")
-            label = f"{model}" + ("" if pd.isna(loops) else f" T={int(loops)}") + f" b{int(batch)}"
+    styles = {"full (dense)": "-", "per-loop": "-", "last-loop": "--"}
+    from loopscope.models import kv_bytes_per_token
+
+    for ax, batch in zip(axes[0], batches, strict=True):
+        p = df[df["batch"] == batch]
+        # Cells whose weights and KV growth are identical (same sizes, same policy) share one line and one label,
+        # so models that overlap exactly are named together instead of hiding each other.
+        curves: dict[tuple, dict] = {}
+        for key, g in p.groupby(["model", "loops_test", "kv_policy", "dtype"], dropna=False, sort=True):
+            model, loops, policy, dtype = key
             weights = float(g["weights_bytes"].iloc[0])
             cfg = run.model_config(g["cell_id"].iloc[0])
-            if cfg is not None:
-                from loopscope.models import kv_bytes_per_token
-
-                per_token = kv_bytes_per_token(cfg, None if pd.isna(loops) else int(loops),
-                                               dtype_bytes=DTYPE_BYTES.get(dtype, 4),
-                                               policy="per-loop" if policy == "full (dense)" else policy)
-                total = weights + per_token * batch * grid
-                ax.plot(grid, total / div, color=color, lw=1.3, label=label)
-                ax.fill_between(grid, weights / div, total / div, color=color, alpha=0.12)
-            ax.axhline(weights / div, color=color, ls="--", lw=0.9)
-            ax.scatter(g["seq_len"], (g["weights_bytes"] + g["kv_cache_bytes"]) / div, color=color, zorder=3,
-                       s=30, edgecolor="black", linewidth=0.5, label=label if cfg is None else None)
-        ax.set_title(f"KV policy: {policy}", fontsize=9)
+            # Bytes per token and sequence: from the model's accounting, else from the measured cache (a KV
+            # cache grows linearly with the context).
+            per_token = (kv_bytes_per_token(cfg, None if pd.isna(loops) else int(loops),
+                                            dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+                                            policy="per-loop" if policy == "full (dense)" else policy)
+                         if cfg is not None else float(g["kv_cache_bytes"].iloc[0]) / (batch * g["seq_len"].iloc[0]))
+            label = f"{model}" + ("" if pd.isna(loops) else f" T={int(loops)}") + (
+                "" if policy == "full (dense)" else f" ({policy})")
+            ck = (round(weights), round(per_token) if np.isfinite(per_token) else label, policy)
+            c = curves.setdefault(ck, {"labels": [], "model": model, "weights": weights, "per_token": per_token,
+                                       "policy": policy, "points": []})
+            c["labels"].append(label)
+            c["points"] += list(zip(g["seq_len"], g["weights_bytes"] + g["kv_cache_bytes"], strict=True))
+        for c in curves.values():
+            color = colors.get(c["model"], "C0")
+            label = " = ".join(c["labels"])
+            if np.isfinite(c["per_token"]):
+                total = c["weights"] + c["per_token"] * batch * grid
+                ax.plot(grid, total / div, color=color, ls=styles.get(c["policy"], "-"), lw=1.4, label=label)
+            ax.axhline(c["weights"] / div, color=color, ls=":", lw=0.9)
+            xs, ys = zip(*c["points"], strict=True)
+            ax.scatter(xs, np.asarray(ys, float) / div, color=color, zorder=3, s=30, edgecolor="black", linewidth=0.5,
+                       label=None if np.isfinite(c["per_token"]) else label)
+        ax.set_title(f"batch {batch}", fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_xlim(0, grid[-1])
-    axes[0][0].set_ylabel(f"{unit} (dashed: weights; shaded: KV cache; dots: measured)")
-    axes[0][0].set_ylim(bottom=0)
-    _legend_below(fig, axes[0])
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel(f"{unit} (dotted: weights; dots: measured)")
+    fig.text(0.5, 0.0, "solid: KV cache per loop (dense: its only cache); dashed: KV cache of the last loop only",
+             ha="center", va="top", fontsize=7, color="#444444")
+    handles: dict[str, object] = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
     return Chart(name, title, fig, _memory_reading(df))
 
 
 def _memory_reading(df: pd.DataFrame) -> str:
+    """Per batch size (never across): the largest KV cache relative to its weights, and what caching only
+    the last loop saves."""
     df = df.assign(kv_share=df["kv_cache_bytes"] / df["weights_bytes"])
-    top = df.loc[df["kv_share"].idxmax()]
-    loops = "" if pd.isna(top["loops_test"]) else f" T={int(top['loops_test'])}"
-    text = (f"At {int(top['seq_len'])} tokens (batch {int(top['batch'])}) the {top['kv_policy']} KV cache of "
-            f"{top['model']}{loops} is {human_bytes(top['kv_cache_bytes'])} ({top['kv_share']:.2f}x its "
-            f"{human_bytes(top['weights_bytes'])} of weights, {top['kv_source']})")
-    both = df.pivot_table(index=["model", "loops_test", "batch", "seq_len"], columns="kv_policy",
-                          values="kv_cache_bytes")
-    if {"per-loop", "last-loop"} <= set(both.columns):
-        pair = both.dropna(subset=["per-loop", "last-loop"])
-        if not pair.empty:
-            (model, loops_, _, _), r = next(iter(pair.iterrows()))
-            text += (f"; caching only the last loop cuts {model} T={int(loops_)} from "
-                     f"{human_bytes(r['per-loop'])} to {human_bytes(r['last-loop'])} "
-                     f"({r['per-loop'] / r['last-loop']:.1f}x less)")
-    return text + "."
+    parts = []
+    for batch, b in df.groupby("batch", sort=True):
+        top = b.loc[b["kv_share"].idxmax()]
+        loops = "" if pd.isna(top["loops_test"]) else f" T={int(top['loops_test'])}"
+        text = (f"batch {int(batch)}, {int(top['seq_len'])} tokens: the {top['kv_policy']} KV cache of "
+                f"{top['model']}{loops} is {human_bytes(top['kv_cache_bytes'])} ({top['kv_share']:.2f}x its "
+                f"{human_bytes(top['weights_bytes'])} of weights, {top['kv_source']})")
+        both = b.pivot_table(index=["model", "loops_test", "seq_len"], columns="kv_policy", values="kv_cache_bytes")
+        if {"per-loop", "last-loop"} <= set(both.columns):
+            pair = both.dropna(subset=["per-loop", "last-loop"])
+            if not pair.empty:
+                (model, loops_, _), r = next(iter(pair.iterrows()))
+                text += (f"; caching only the last loop cuts {model} T={int(loops_)} from "
+                         f"{human_bytes(r['per-loop'])} to {human_bytes(r['last-loop'])} "
+                         f"({r['per-loop'] / r['last-loop']:.1f}x less)")
+        parts.append(text)
+    return ("; ".join(parts) + ".")[:1].upper() + ("; ".join(parts) + ".")[1:]
 
 
 # --- 6: energy per token -------------------------------------------------------------------------
@@ -535,7 +560,8 @@ def energy_per_token(run: RunData) -> Chart | Omitted:
         return Omitted(name, title, reason)
     df = df.assign(cell=[f"{m}" + ("" if pd.isna(t) else f" T={int(t)}") + ("" if pd.isna(kv) else f" KV {kv}")
                          for m, t, kv in zip(df["model"], df["loops_test"], df["kv_policy"], strict=True)],
-                   where=df["workload"] + " · " + df["device"] + " · " + df["backend"])
+                   where=[f"{w} · batch {int(b)} x {int(n)} · {dev} · {be}" for w, b, n, dev, be in
+                          zip(df["workload"], df["batch"], df["seq_len"], df["device"], df["backend"], strict=True)])
     df = df.sort_values(["family", "model", "loops_test"], key=lambda s: s.map(family_rank) if s.name == "family"
                         else s)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * df["cell"].nunique() + 3), 4.4), dpi=110)
@@ -803,7 +829,11 @@ def mfu(run: RunData) -> Chart | Omitted:
     workloads = sorted(m["workload"].unique())
     palette = dict(zip(workloads, sns.color_palette("Set2", len(workloads)), strict=True))
     y = np.arange(len(m))
-    ax.barh(y, m["value"] * 100, color=[palette[w] for w in m["workload"]])
+    invalid = (m["validity"] != "ok").to_numpy() if "validity" in m else np.zeros(len(m), dtype=bool)
+    ax.barh(y, m["value"] * 100, color=[palette[w] for w in m["workload"]],
+            hatch=["//" if bad else "" for bad in invalid], edgecolor=["#c0392b" if bad else "none" for bad in invalid])
+    if invalid.any():
+        ax.axvline(100, color="#c0392b", ls="--", lw=1)
     ax.set_yticks(y, labels, fontsize=6.5)
     ax.set_ylim(len(m) - 0.5, -0.5)
     for yi, v in zip(y, m["value"], strict=True):
@@ -811,12 +841,20 @@ def mfu(run: RunData) -> Chart | Omitted:
     ax.set_xlim(0, float(m["value"].max()) * 100 * 1.18)
     ax.xaxis.set_major_formatter(PercentFormatter(decimals=0 if m["value"].max() > 0.05 else 1))
     peak = run.calibrated_peak("float32")
-    ax.set_xlabel(f"analytic model FLOP/s / calibrated GEMM peak (fp32: {si(peak, 'FLOP/s')})")
+    ax.set_xlabel(f"analytic model FLOP/s / calibrated GEMM peak of the cell's dtype (fp32: {si(peak, 'FLOP/s')})")
     handles = [Rectangle((0, 0), 1, 1, color=palette[w]) for w in workloads]
-    ax.legend(handles, workloads, fontsize=7, loc="lower right", framealpha=0.9)
+    labels = list(workloads)
+    if invalid.any():
+        handles.append(Rectangle((0, 0), 1, 1, facecolor="white", hatch="//", edgecolor="#c0392b"))
+        labels.append("flagged invalid")
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     hi, lo = m.iloc[0], m.iloc[-1]
     reading = (f"Highest: {hi['label']} at {hi['value'] * 100:.3g}% of the calibrated peak; lowest: {lo['label']} "
                f"at {lo['value'] * 100:.3g}%")
+    if invalid.any():
+        bad = m[invalid]
+        reading += (f"; {len(bad)} bar(s) flagged invalid and not to be trusted: "
+                    + ", ".join(f"{r['label']} ({r['validity']})" for _, r in bad.head(4).iterrows()))
     fig.tight_layout()
     return Chart(name, title, fig, reading + ".")
 

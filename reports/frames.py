@@ -283,12 +283,28 @@ def energy_frame(run: RunData) -> tuple[pd.DataFrame, list[str]]:
     return measured, why
 
 
+def row_label(row: pd.Series) -> str:
+    """A readable cell name from a result row's axes (for runs read without cell records)."""
+    parts = [str(row.get("workload", "")), str(row.get("model", "")), str(row.get("backend", ""))]
+    if pd.notna(row.get("loops_test")):
+        parts.append(f"T={int(row['loops_test'])}")
+    if pd.notna(row.get("batch")) and pd.notna(row.get("seq_len")):
+        parts.append(f"b{int(row['batch'])}x{int(row['seq_len'])}")
+    if row.get("dtype") and str(row.get("dtype")) != "float32":
+        parts.append(str(row["dtype"]))
+    return " ".join(p for p in parts if p and p != "nan")
+
+
 def mfu_frame(run: RunData) -> pd.DataFrame:
-    """MFU per cell (finite only), with the cell's label."""
+    """MFU per cell (finite only), with the cell's label (or one made from its axes)."""
     m = run.metric("mfu")
     if m.empty:
         return m
-    return _with_cell_axes(m[np.isfinite(m["value"])], run)
+    out = _with_cell_axes(m[np.isfinite(m["value"])], run)
+    made = [row_label(r) for _, r in out.iterrows()]
+    out["label"] = [lab if isinstance(lab, str) and lab and lab != cid else alt
+                    for lab, cid, alt in zip(out["label"], out["cell_id"], made, strict=True)]
+    return out
 
 
 # --- stability -----------------------------------------------------------------------------------

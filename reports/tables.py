@@ -134,11 +134,16 @@ def validity_table(run: RunData) -> pd.DataFrame:
     if bad.empty:
         return _empty("every row is valid: no MFU above 100%, no bandwidth above the calibrated copy rate, no "
                       "busy or throttled cell recorded")
-    labels = run.cell_frame().set_index("cell_id")["label"] if not run.cell_frame().empty else pd.Series(dtype=str)
-    value = np.where(bad["metric"] == "mfu", bad["value"] * 100, bad["value"])
-    return pd.DataFrame({"cell": bad["cell_id"].map(labels).fillna(bad["cell_id"]).to_numpy(),
-                         "metric": bad["metric"].to_numpy(), "stat": bad["stat"].to_numpy(),
-                         "value (MFU in %)": value, "flag": bad["validity"].to_numpy()}).reset_index(drop=True)
+    cells = run.cell_frame()
+    labels = cells.set_index("cell_id")["label"] if not cells.empty else pd.Series(dtype=str)
+    rows = []
+    for (cid, flag), g in bad.groupby(["cell_id", "validity"], sort=False):
+        label = labels.get(cid, cid)
+        rows.append({"cell": frames.row_label(g.iloc[0]) if label == cid else label, "flag": flag,
+                     "metrics": ", ".join(dict.fromkeys(f"{m}" + (f" ({st})" if st else "") + (
+                         f" = {v * 100:.3g}%" if m == "mfu" else "") for m, st, v in
+                         zip(g["metric"], g["stat"], g["value"], strict=True)))})
+    return pd.DataFrame(rows)
 
 
 def loop_fit_table(run: RunData) -> pd.DataFrame:

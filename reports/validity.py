@@ -23,6 +23,8 @@ FRACTION_OF_PEAK: tuple[str, ...] = ("mfu", "roofline_fraction", "bandwidth_frac
 BUSY_FACTOR = 1.5  # load above 1.5x the usable cores: other work was competing with the cell
 _PEAK_IN_SOURCE = re.compile(r"calibrated (fp32|bf16|fp16) GEMM peak ([0-9.eE+-]+) FLOP/s")
 OK = "ok"
+# Units of what a busy or throttled machine distorts (bytes, counts and losses it does not).
+TIMED_UNITS: frozenset[str] = frozenset({"tokens/s", "ms", "s", "FLOP/s", "bytes/s", "J/token", "W", "steps/s"})
 
 
 def _peak(calibration: dict[str, Any], key: str) -> float:
@@ -85,7 +87,8 @@ def validity(results: pd.DataFrame, manifest: dict[str, Any]) -> pd.Series:
         if unit == "bytes/s" and not str(metric).startswith("calib") and np.isfinite(value) \
                 and np.isfinite(bandwidth) and value > bandwidth:
             reasons.append("above calibrated copy rate")
-        reasons += per_cell.get(cid, [])
+        if unit in TIMED_UNITS or metric in FRACTION_OF_PEAK:  # a busy or throttled machine slows timings only
+            reasons += per_cell.get(cid, [])
         flags.append("; ".join(reasons) if reasons else OK)
     return pd.Series(flags, index=results.index, dtype=object)
 
