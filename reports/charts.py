@@ -59,16 +59,16 @@ def _styled(fn: ChartFn) -> ChartFn:
 # --- small helpers -------------------------------------------------------------------------------
 
 
-def si(value: float, unit: str = "") -> str:
+def si(value: float, unit: str = "", digits: int = 3) -> str:
     """1234567 -> '1.23M'; with a unit, 5.9e10 FLOP/s -> '59.5 GFLOP/s'."""
     if not np.isfinite(value):
         return "NaN"
-    mantissa, prefix = f"{value:.3g}", ""
+    mantissa, prefix = f"{value:.{digits}g}", ""
     steps = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "µ"))
     if value != 0:
         for factor, p in steps:
             if abs(value) >= factor:
-                mantissa, prefix = f"{value / factor:.3g}", p
+                mantissa, prefix = f"{value / factor:.{digits}g}", p
                 break
     return f"{mantissa} {prefix}{unit}" if unit else f"{mantissa}{prefix}"
 
@@ -232,11 +232,13 @@ def _quality_panels(df: pd.DataFrame, x: str, xlabel: str) -> tuple[plt.Figure, 
             pts = g.iloc[front]
             ax.plot(pts[x], pts["bpb"], drawstyle="steps-post", ls="--", color="grey", lw=1,
                     label="Pareto frontier (within this recipe)", zorder=1)
+        narrow = False
         if not _log_if_wide(ax, "x", g[x]):
             span = g[x].max() - g[x].min()
             pad = 0.1 * span if span > 0 else 0.05 * g[x].max()
             ax.set_xlim(g[x].min() - pad, g[x].max() + pad * 3)
-        _si_axis(ax, "x")
+            narrow = g[x].max() < 1.2 * g[x].min()  # close values need more digits to tell the ticks apart
+        _si_axis(ax, "x", lambda v, d=(4 if narrow else 3): si(v, digits=d))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3f}"))
         seeds = int(g["n_seeds"].max())
         bars = "bars: 95% interval of the mean" if seeds > 1 else "bars: std over h0 draws only"
@@ -677,11 +679,16 @@ def train_loss(run: RunData) -> Chart | Omitted:
     bottom = float(finite["smoothed"].min()) * 0.95 if not finite.empty else None
     if len(lrs) <= 1:
         fig, ax = plt.subplots(figsize=(6.6, 4.2), dpi=110)
-        for model, g in c.groupby("model", sort=True):
-            ax.plot(g["index"], g["smoothed"], color=colors.get(model, "C0"), lw=1.2, label=model)
+        seeds = c.groupby("model")["cell_id"].nunique()
+        for (model, _cid), g in c.groupby(["model", "cell_id"], sort=True):  # one line per cell: seeds apart
+            label = model + (f" ({seeds[model]} seeds)" if seeds[model] > 1 else "")
+            ax.plot(g["index"], g["smoothed"], color=colors.get(model, "C0"), lw=1.1,
+                    alpha=0.8 if seeds[model] > 1 else 1.0, label=label)
             _mark_unfinished(ax, g, top)
         axes = [ax]
-        _legend_right(ax)
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+        ax.legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False)
         ax.set_ylabel("train loss (nats/token; rolling median of 9 steps)")
     else:
         models = sorted(c["model"].unique(), key=lambda m: (family_rank(c.loc[c["model"] == m, "family"].iloc[0]), m))
@@ -692,21 +699,24 @@ def train_loss(run: RunData) -> Chart | Omitted:
         palette = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
         axes = list(grid.flat)
         for ax, model in zip(axes, models, strict=False):
-            for lr, g in c[c["model"] == model].groupby("lr"):
+            for (lr, _cid), g in c[c["model"] == model].groupby(["lr", "cell_id"]):
                 ax.plot(g["index"], g["smoothed"], color=palette[lr], lw=1.1, label=f"lr={lr:g}")
                 _mark_unfinished(ax, g, top)
             ax.set_title(model, fontsize=9)
         for ax in axes[len(models):]:
             ax.set_axis_off()
         axes = axes[: len(models)]
-        axes[0].legend(fontsize=6.5, framealpha=0.9)
         for ax in grid[:, 0]:
             ax.set_ylabel("train loss (rolling median 9)")
+        for ax in axes:
+            ax.set_xlabel("step")
+        _legend_below(fig, axes, ncol=min(len(lrs), 6))  # every lr of every panel, outside the data
     for ax in axes:
         ax.set_xlabel("step")
         if top is not None and bottom is not None and top > bottom:
             ax.set_ylim(bottom, top)
-    fig.tight_layout()
+    if len(lrs) <= 1:
+        fig.tight_layout()
     return Chart(name, title, fig, _loss_reading(run, c, len(lrs) > 1, top))
 
 

@@ -212,6 +212,8 @@ def draw_charts(run: RunData, charts_dir: Path) -> list[DrawnChart | Omitted]:
             plt.close("all")
             continue
         if isinstance(chart, Omitted):
+            for suffix in (".png", ".svg"):  # a chart left out now must not be read from an older report
+                (charts_dir / f"{chart.name}{suffix}").unlink(missing_ok=True)
             out.append(chart)
             continue
         out.append(DrawnChart(chart, _save(chart, charts_dir)))
