@@ -277,7 +277,7 @@ def test_cpu_profile_trains_its_main_pair_over_seeds():
     for c in cells:
         if c.workload == "train":
             seeds.setdefault(c.model, set()).add(c.seed)
-    assert len(seeds["gpt-tiny"]) >= 2 and len(seeds["parcae-tiny"]) >= 2
+    assert len(seeds["gpt-micro"]) >= 2 and len(seeds["parcae-micro"]) >= 2
 
 
 # --- CLI surface ----------------------------------------------------------------------------------------------
