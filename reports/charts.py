@@ -309,8 +309,12 @@ def bpb_vs_loops(run: RunData) -> Chart | Omitted:
     if not looped.empty:  # only models evaluated at two or more loop counts
         looped = looped[looped.groupby(["group_key", "model"])["loops_test"].transform("nunique") >= 2]
     if looped.empty:
-        why = ("no looped model was evaluated at two or more test-time loop counts" if not q.empty
-               else _why_no(run, ("eval",), "bits per byte"))
+        evaluated = per_T[per_T["loops_test"].notna()] if not per_T.empty else per_T
+        why = (_why_no(run, ("eval",), "bits per byte") if q.empty else
+               "no looped model was evaluated" if evaluated.empty else
+               f"only one test-time loop count (T={int(evaluated['loops_test'].iloc[0])}) was evaluated"
+               if evaluated["loops_test"].nunique() == 1 else
+               "no looped model was evaluated at two or more test-time loop counts")
         return Omitted(name, title, why)
     colors = _model_colors(run)
     keys = list(dict.fromkeys(looped["group_key"]))
