@@ -200,8 +200,10 @@ def _quality_groups(run: RunData) -> pd.DataFrame:
     scores = groups.model_scores(groups.quality_groups(run))
     if scores.empty:
         return scores
-    flops = [float(np.nanmean([frames.training_flops(run, c) for c in ids])) if ids else np.nan
-             for ids in scores["cell_ids"]]
+    flops = []
+    for ids in scores["cell_ids"]:
+        values = np.asarray([frames.training_flops(run, c) for c in ids], dtype=float)
+        flops.append(float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else np.nan)
     main = groups.main_group(scores)
     return scores.assign(train_flops=flops, _main=scores["group_key"] != main).sort_values(
         ["_main", "group_key"], kind="stable").drop(columns="_main").reset_index(drop=True)
