@@ -604,6 +604,10 @@ def stability_state_norm(run: RunData) -> Chart | Omitted:
         return Omitted(name, title, "no looped train cell recorded per-loop state norms (dense models have none)")
     many_lrs = s["lr"].nunique() > 1
     s = s.assign(series=[_series_label(m, lr, many_lrs) for m, lr in zip(s["model"], s["lr"], strict=True)])
+    # Training seeds of one model and lr are separate cells: each keeps its own line.
+    nth = s.groupby("series")["cell_id"].transform(lambda ids: ids.map({c: i for i, c in enumerate(ids.unique())}))
+    many = s.groupby("series")["cell_id"].transform("nunique") > 1
+    s["series"] = np.where(many, s["series"] + " #" + (nth + 1).astype(str), s["series"])
     # One colour per model; with an lr sweep one colour per lr (as in the loss curves), a marker per model.
     model_colors, lrs = _model_colors(run), sorted(s["lr"].dropna().unique())
     lr_colors = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
