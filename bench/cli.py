@@ -108,7 +108,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.format == "json":
         import json
 
-        print(json.dumps(findings_json(args.run), indent=2, default=str))
+        print(json.dumps(findings_json(args.run), indent=2, default=str, allow_nan=False))
         return 0
     paths = write_report(args.run)
     print(f"wrote {paths['md']} and {paths['html']}")

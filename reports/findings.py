@@ -28,10 +28,20 @@ class Finding:
     numbers: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["numbers"] = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in self.numbers.items()}
-        return out
+        """JSON-safe: NaN and infinities become null at any depth, numpy scalars plain numbers."""
+        return _json_safe(asdict(self))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _noise(d: groups.Difference) -> bool | None:

@@ -175,7 +175,7 @@ def test_findings_open_the_report_and_json_gives_them_to_machines(trust_run, cap
     html = paths["html"].read_text()
     assert html.index("Findings") < html.index("<dl class='header'>")
     assert main(["report", str(trust_run), "--format", "json"]) == 0
-    doc = json.loads(capsys.readouterr().out)
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
     topics = {f["topic"] for f in doc["findings"]}
     assert {"quality at equal unique parameters", "other recipes", "seed spread"} <= topics
     pair = next(f for f in doc["findings"] if f["topic"] == "quality at equal unique parameters")["numbers"]["pairs"][0]
