@@ -59,7 +59,8 @@ def stability_over_training(run: RunData) -> Chart | Omitted:
     cells = run.cell_frame().set_index("cell_id")
     res = run.results.drop_duplicates("cell_id").set_index("cell_id")
     info = cells if not cells.empty else res
-    s = s.assign(model=s["cell_id"].map(info["model"]).fillna(s["cell_id"]),
+    names = info["model"].where(info["model"].astype(str) != "", info.get("label", info.index.to_series()))
+    s = s.assign(model=s["cell_id"].map(names).fillna(s["cell_id"]),
                  lr=pd.to_numeric(s["cell_id"].map(info["lr"]), errors="coerce"))
     colors = _model_colors(run)
     lrs = sorted(s["lr"].dropna().unique())
