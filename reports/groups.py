@@ -150,7 +150,7 @@ class Difference:
             return core + " (one seed each: spread unknown)"
         core += (f" [95% CI {self.rel_low * 100:+.1f}, {self.rel_high * 100:+.1f}] over {self.n_a} vs {self.n_b} "
                  "seeds")
-        return core + (": within seed noise" if not self.real else "")
+        return core + (": within seed noise" if not self.real else ": beyond seed noise")
 
 
 def difference(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> Difference:
