@@ -357,6 +357,8 @@ def stability_frame(run: RunData) -> pd.DataFrame:
     norms = run.samples[run.samples["metric"] == "state_norm_last_loop"].sort_values(["cell_id", "index"])
     growth = norms.groupby("cell_id")["value"].agg(lambda v: v.iloc[-1] / v.iloc[0] if v.iloc[0] > 0 else np.nan)
     out["state_norm_growth"] = out["cell_id"].map(growth)
+    seeds = res.drop_duplicates("cell_id").set_index("cell_id")["seed"] if "seed" in res.columns else {}
+    out["seed"] = out["cell_id"].map(seeds) if len(seeds) else np.nan
     best = out[out["status"] == "ok"].groupby("model")["train_loss"].min()
     degraded = (out["status"] == "ok") & (out["train_loss"] > DEGRADED_FACTOR * out["model"].map(best))
     out["outcome"] = out["status"].map({"ok": "converged", "diverged": "diverged"}).fillna(out["status"])

@@ -236,7 +236,8 @@ def stability_table(run: RunData) -> pd.DataFrame:
         return _empty("the run has no train cells")
     proxy = st["spectral_radius"].combine_first(st["adapter_spectral_norm"])
     out = pd.DataFrame({
-        "family": st["family"], "model": st["model"], "lr": st["lr"], "outcome": st["outcome"],
+        "family": st["family"], "model": st["model"], "lr": st["lr"],
+        "training seed": st["seed"] if st["seed"].nunique() > 1 else np.nan, "outcome": st["outcome"],
         "diverged at step": st["diverged_step"], "final train loss": st["train_loss"],
         "loss spikes": st["loss_spikes"], "state gain (rho or adapter norm)": proxy,
         "state norm growth (x)": st["state_norm_growth"],
