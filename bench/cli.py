@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a sweep profile into a run directory (resumes by default)")
+    r = sub.add_parser("run", help="run a sweep profile into a run directory (resumes by default)",
+                       description="Expand a profile into cells and run each in its own process; finished cells "
+                                   "are kept, so rerunning resumes. Progress goes to stdout with an ETA from the "
+                                   "cells' estimates.", epilog=EXIT_CODES)
     r.add_argument("--profile", help="profile name or path to a .toml (default: this machine's device class)")
     r.add_argument("--out", type=Path, help="run directory (default: runs/<profile>)")
     r.add_argument("--only", action="append", default=[], metavar="PATTERN",
