@@ -176,7 +176,8 @@ def _training_text(settings: dict, cells: pd.DataFrame) -> str:
                  else "AdamW")
     budget = (f"{train['tokens_per_param']:g} tokens/param" if train.get("tokens_per_param")
               else f"{train['flops']:.3g} FLOPs (iso-FLOP)" if train.get("flops") else f"{train['tokens']:,} tokens")
-    return (f"{budget} per model, same data order and seed; {optimizer}, trapezoid schedule (warm-up "
+    return (f"{budget} per model and training seed (a seed fixes the initialisation and the data order, "
+            f"the same for every model); {optimizer}, trapezoid schedule (warm-up "
             f"{train['warmup_frac']:g}, cool-down {train['cooldown_frac']:g} of the steps), grad clip "
             f"{train['grad_clip']:g}, weight decay {train['weight_decay']:g}")
 
