@@ -126,6 +126,7 @@ def _manifest(store: RunStore, profile: Profile, cells: list[Cell], ctx: RunCont
                    "description": corpus.description},
         "cells": len(cells),
         "cell_ids": [c.cell_id for c in cells],
+        **{k: old[k] for k in ("calibration_first", "calibration_probes", "cell_conditions") if k in old},
     }
 
 
