@@ -157,6 +157,9 @@ def _calibration_text(cal: dict) -> str:
     bw = cal.get("mem_bw_bytes_per_s")
     if isinstance(bw, (int, float)) and math.isfinite(bw):
         parts.append(f"memory bandwidth {bw / 1e9:.3g} GB/s")
+    probes = cal.get("probes")
+    if isinstance(probes, int) and probes > 1:
+        parts.append(f"the best of {probes} probes spread over the run (MFU is against these peaks)")
     return ", ".join(parts)
 
 
