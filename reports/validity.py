@@ -32,20 +32,30 @@ def _peak(calibration: dict[str, Any], key: str) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else math.nan
 
 
-def rescale_mfu(results: pd.DataFrame, calibration: dict[str, Any]) -> pd.DataFrame:
-    """MFU against the run's best calibrated peak (the source names the peak the worker used)."""
+_DTYPE_KEY = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def rescale_mfu(results: pd.DataFrame, calibration: dict[str, Any],
+                first: dict[str, Any] | None = None) -> pd.DataFrame:
+    """MFU against the run's best calibrated peak. The peak a worker divided by is named in the row's
+    source; where it is not, it was the run's first calibration (`first`), which workers are given."""
     if results.empty or not calibration:
         return results
     out = results.copy()
     rows = out.index[(out["metric"] == "mfu") & out["value"].notna()]
     for i in rows:
         match = _PEAK_IN_SOURCE.search(str(out.at[i, "source"]))
-        if not match:
+        if match:
+            key, used = match.group(1), float(match.group(2))
+        elif first:
+            key = _DTYPE_KEY.get(str(out.at[i, "dtype"]) if "dtype" in out.columns else "", "fp32")
+            used = _peak(first, key)
+        else:
             continue
-        used, best = float(match.group(2)), _peak(calibration, match.group(1))
-        if math.isfinite(best) and best > used * 1.001:
+        best = _peak(calibration, key)
+        if math.isfinite(best) and math.isfinite(used) and best > used * 1.001:
             out.at[i, "value"] = float(out.at[i, "value"]) * used / best
-            out.at[i, "source"] = (f"model FLOP/s / best calibrated {match.group(1)} GEMM peak {best:.3g} FLOP/s "
+            out.at[i, "source"] = (f"model FLOP/s / best calibrated {key} GEMM peak {best:.3g} FLOP/s "
                                    f"(the cell ran with {used:.3g})")
     return out
 
@@ -95,7 +105,7 @@ def validity(results: pd.DataFrame, manifest: dict[str, Any]) -> pd.Series:
 
 def annotate(results: pd.DataFrame, manifest: dict[str, Any]) -> pd.DataFrame:
     """Results with MFU against the best probe and a `validity` column."""
-    out = rescale_mfu(results, manifest.get("calibration") or {})
+    out = rescale_mfu(results, manifest.get("calibration") or {}, manifest.get("calibration_first"))
     return out.assign(validity=validity(out, manifest))
 
 

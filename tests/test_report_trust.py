@@ -208,6 +208,10 @@ def test_mfu_is_reexpressed_against_the_best_probe_and_flagged_above_one():
     assert out["validity"].iloc[0] == validity.OK
     still = validity.annotate(_rows(value=1.49), {"calibration": {"gemm_fp32_flops": 4.52e10}})
     assert still["validity"].iloc[0] == "mfu>1"
+    # a row that does not name its peak was divided by the run's first calibration
+    unnamed = validity.annotate(_rows(value=1.2, source="analytic FLOPs / calibrated GEMM peak", dtype="float32"),
+                                {**manifest, "calibration_first": {"gemm_fp32_flops": 5e10}})
+    assert unnamed["value"].iloc[0] == pytest.approx(1.2 * 5e10 / 2e11) and unnamed["validity"].iloc[0] == "ok"
 
 
 def test_bandwidth_above_the_copy_rate_busy_machines_and_throttling_are_flagged():
