@@ -607,7 +607,10 @@ def stability_state_norm(run: RunData) -> Chart | Omitted:
     # Training seeds of one model and lr are separate cells: each keeps its own line.
     nth = s.groupby("series")["cell_id"].transform(lambda ids: ids.map({c: i for i, c in enumerate(ids.unique())}))
     many = s.groupby("series")["cell_id"].transform("nunique") > 1
-    s["series"] = np.where(many, s["series"] + " #" + (nth + 1).astype(str), s["series"])
+    res = run.results.drop_duplicates("cell_id").set_index("cell_id")
+    seed = s["cell_id"].map(res["seed"]) if "seed" in res.columns else pd.Series(np.nan, index=s.index)
+    tag = [f" seed {int(v)}" if pd.notna(v) else f" #{n + 1}" for v, n in zip(seed, nth, strict=True)]
+    s["series"] = np.where(many, s["series"] + pd.Series(tag, index=s.index), s["series"])
     # One colour per model; with an lr sweep one colour per lr (as in the loss curves), a marker per model.
     model_colors, lrs = _model_colors(run), sorted(s["lr"].dropna().unique())
     lr_colors = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
