@@ -14,6 +14,11 @@ from pathlib import Path
 from loopscope.bench.errors import LoopscopeError
 
 EXIT_INTERRUPTED = 130
+EXIT_CODES = ("exit codes: 0 done (for gate: no regression); 1 gate only: a regression; "
+              "2 unusable input (bad profile, run directory, rules or arguments), one line on stderr; "
+              "3 run only: some cells are not ok; 130 interrupted")
+RUN_ARG = ("a run directory (written by `loopscope run`) or a pytest-benchmark JSON file "
+           "(pytest --benchmark-json)")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -30,12 +35,25 @@ def _run_dir_arg(text: str) -> Path:
     return Path(text)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"loopscope {version('loopscope')}"
+    except PackageNotFoundError:
+        return "loopscope (not installed: version unknown)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="loopscope", description="Benchmark looped vs standard transformers "
-                                "on this hardware: speed, memory, energy and quality.")
-    sub = p.add_subparsers(dest="command", required=True)
+                       "on this hardware: speed, memory, energy and quality.", epilog=EXIT_CODES)
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a sweep profile into a run directory (resumes by default)")
+    r = sub.add_parser("run", help="run a sweep profile into a run directory (resumes by default)",
+                       description="Expand a profile into cells and run each in its own process; finished cells "
+                                   "are kept, so rerunning resumes. Progress goes to stdout with an ETA from the "
+                                   "cells' estimates.", epilog=EXIT_CODES)
     r.add_argument("--profile", help="profile name or path to a .toml (default: this machine's device class)")
     r.add_argument("--out", type=_run_dir_arg, help="run directory (default: runs/<profile>)")
     r.add_argument("--only", action="append", default=[], metavar="PATTERN",
@@ -49,20 +67,35 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume a run directory made with another profile: keep the cells both share and "
                         "drop the others from the tables")
 
-    rep = sub.add_parser("report", help="(re)write report.md, report.html and charts for a run")
-    rep.add_argument("run", type=_run_dir_arg)
+    rep = sub.add_parser("report", help="(re)write report.md, report.html and charts for a run",
+                         description="Write RUN/report.md, RUN/report.html and RUN/charts/*.png|svg: the findings "
+                                     "first, then the run, charts and tables.", epilog=EXIT_CODES)
+    rep.add_argument("run", type=_run_dir_arg, help="a run directory written by `loopscope run`")
+    rep.add_argument("--format", choices=["html", "json"], default="html",
+                     help="html: write the report files (default); json: print the findings and the rows "
+                          "flagged invalid to stdout, write nothing")
 
-    c = sub.add_parser("compare", help="compare two runs metric by metric")
-    c.add_argument("base", type=Path)
-    c.add_argument("cand", type=Path)
-    c.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown")
+    c = sub.add_parser("compare", help="compare two runs metric by metric",
+                       description="Compare CAND against BASE cell by cell (cells matched by id, else by axes); "
+                                   "each metric gets a ratio, a 95%% CI where samples allow, and a verdict.",
+                       epilog=EXIT_CODES)
+    c.add_argument("base", type=Path, help=f"the baseline: {RUN_ARG}")
+    c.add_argument("cand", type=Path, help=f"the candidate: {RUN_ARG}")
+    c.add_argument("--format", choices=["markdown", "csv", "json"], default="markdown",
+                   help="output format (default: markdown)")
+    c.add_argument("--changed", action="store_true",
+                   help="show only rows whose verdict is better, worse or changed (the counts stay in a note)")
     c.add_argument("--all-metrics", action="store_true",
                    help="compare raw metrics even when the two runs' hardware differs")
 
     g = sub.add_parser("gate", help="exit 1 if CAND regressed against BASE (or, with --against REF, if this "
-                       "checkout is slower than commit REF, both timed here, interleaved)")
-    g.add_argument("base", type=Path, nargs="?")
-    g.add_argument("cand", type=Path, nargs="?")
+                       "checkout is slower than commit REF, both timed here, interleaved)",
+                       description="Judge CAND against BASE with the gate rules and print the verdicts; or, with "
+                                   "--against REF, time commit REF and this checkout here in interleaved fresh "
+                                   "processes and judge their timing cells against a measured noise floor.",
+                       epilog=EXIT_CODES)
+    g.add_argument("base", type=Path, nargs="?", help=f"the baseline: {RUN_ARG}")
+    g.add_argument("cand", type=Path, nargs="?", help=f"the candidate: {RUN_ARG}")
     g.add_argument("--base", dest="base_runs", action="append", default=[], type=Path, metavar="RUN",
                    help="another base run (repeatable): several runs per side are process-level replicates, "
                    "across which timing is judged with a measured noise floor")
@@ -79,6 +112,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--rules", type=Path, help="TOML rules per metric (default: shipped rules)")
     g.add_argument("--all-metrics", action="store_true",
                    help="gate raw metrics even when the two runs' hardware differs")
+
+    e = sub.add_parser("export", help="write a run's timings in another tool's format",
+                       description="Write RUN's timing metrics (those with raw samples) as a pytest-benchmark "
+                                   "JSON document, for pytest-benchmark compare or its CI integrations.",
+                       epilog=EXIT_CODES)
+    e.add_argument("run", type=Path, help="a run directory written by `loopscope run`")
+    e.add_argument("--format", choices=["pytest-benchmark"], default="pytest-benchmark", help="the output format")
+    e.add_argument("--out", type=Path, help="output file (default: RUN/pytest-benchmark.json)")
+
+    h = sub.add_parser("history", help="many runs in one table and a trend chart per gated metric",
+                       description="Collect runs (one per commit or machine) into one table and one trend "
+                                   "chart per gated metric; cells are followed by their cell id.",
+                       epilog=EXIT_CODES)
+    h.add_argument("runs", type=Path, nargs="+", metavar="RUN", help=f"two or more runs: {RUN_ARG}")
+    h.add_argument("--out", type=Path, default=Path("history"),
+                   help="folder for history.md, history.csv and history_<metric>.png (default: ./history)")
 
     sub.add_parser("profiles", help="list the shipped sweep profiles")
     m = sub.add_parser("models", help="list model families and presets with their accounting")
@@ -97,8 +146,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from loopscope.reports.report import write_report
+    from loopscope.reports.report import findings_json, write_report
 
+    if args.format == "json":
+        import json
+
+        emit(json.dumps(findings_json(args.run), indent=2, default=str, allow_nan=False))
+        return 0
     paths = write_report(args.run)
     emit(f"wrote {paths['md']} and {paths['html']}")
     return 0
@@ -108,6 +162,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from loopscope.reports.compare import compare_runs
 
     result = compare_runs(args.base, args.cand, all_metrics=args.all_metrics)
+    result = result.changed_only() if args.changed else result
     emit({"markdown": result.to_markdown, "csv": result.to_csv, "json": result.to_json}[args.format]())
     return 0
 
@@ -135,6 +190,25 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     result = gate_runs(bases, cands, rules=args.rules, all_metrics=args.all_metrics)
     emit(result.render())
     return result.exit_code
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from loopscope.reports.pytest_benchmark import export_pytest_benchmark
+
+    out = args.out or args.run / "pytest-benchmark.json"
+    export = export_pytest_benchmark(args.run, out)
+    print(f"wrote {out}: {len(export.document['benchmarks'])} benchmark(s)"
+          + (f"; {len(export.skipped)} timing row(s) left out (no raw samples)" if export.skipped else ""))
+    return 0
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from loopscope.reports.history import write_history
+
+    history, charts = write_history(list(args.runs), args.out)
+    print(history.to_markdown())
+    print(f"wrote {args.out / 'history.md'}, {args.out / 'history.csv'} and {len(charts)} trend chart(s)")
+    return 0
 
 
 def _cmd_profiles(args: argparse.Namespace) -> int:
@@ -170,6 +244,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "report": _cmd_report, "compare": _cmd_compare, "gate": _cmd_gate,
+            "export": _cmd_export, "history": _cmd_history,
             "profiles": _cmd_profiles, "models": _cmd_models, "fingerprint": _cmd_fingerprint}
 
 

@@ -76,7 +76,7 @@ def cell_columns(cell: Cell, run_id: str, device_class: str) -> dict[str, Any]:
         "loops_train": cell.loops_train, "loops_test": cell.loops_test, "backend": cell.backend,
         "device": cell.device, "device_class": device_class, "workload": cell.workload,
         "batch": cell.batch, "seq_len": cell.seq_len, "dtype": cell.dtype, "kv_policy": cell.kv_policy,
-        "lr": cell.lr,
+        "lr": cell.lr, "seed": cell.seed,
     }
 
 

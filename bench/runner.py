@@ -15,6 +15,7 @@ from loopscope.bench.context import RunContext
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.executor import LocalExecutor
 from loopscope.bench.matrix import Cell, expand, resolved_settings
+from loopscope.bench.meters.calibration import CalibrationProbes
 from loopscope.bench.progress import Progress
 from loopscope.bench.store import RunStore
 from loopscope.profiles.loader import Profile, load_profile
@@ -128,6 +129,7 @@ def _manifest(store: RunStore, profile: Profile, matrix: list[Cell], ctx: RunCon
         # The whole matrix (also under --only): the tables hold exactly the finished cells of it.
         "cells": len(matrix),
         "cell_ids": [c.cell_id for c in matrix],
+        **{k: old[k] for k in ("calibration_first", "calibration_probes", "cell_conditions") if k in old},
     }
 
 
@@ -218,7 +220,7 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
             print(f"profile changed ({old.get('profile', {}).get('hash')} -> {profile.raw_hash}): the tables keep "
                   f"only cells of the new matrix", file=out)
     if pending:
-        _run_cells(store, ctx, settings, pending, cells, statuses, out)
+        _run_cells(store, ctx, settings, pending, cells, statuses, old, out)
     else:
         failed = sum(statuses.get(c.cell_id) != "ok" for c in cells)
         note = f" ({failed} failed; rerun them with --retry-failed)" if failed else ""
@@ -239,11 +241,12 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
 
 
 def _run_cells(store: RunStore, ctx: RunContext, settings: dict, pending: list[Cell], cells: list[Cell],
-               statuses: dict[str, str], out: TextIO) -> None:
+               statuses: dict[str, str], old: dict, out: TextIO) -> None:
     print(f"running {len(pending)} of {len(cells)} cells into {store.run_dir}", file=out)
     memory_limit = int(float(settings["memory_limit_gb"]) * 2**30)
     executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit)
-    progress = Progress(len(pending))
+    progress = Progress(len(pending), estimates=[_estimate(c)[0] for c in pending])
+    probes = CalibrationProbes.resume(old, ctx.calibration, settings.get("device", "cpu"))
     startups: list[float] = []
     try:
         for cell in pending:
@@ -256,14 +259,15 @@ def _run_cells(store: RunStore, ctx: RunContext, settings: dict, pending: list[C
             if record.get("startup_s"):
                 startups.append(record["startup_s"])
             progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
+            probes.after_cell(cell.cell_id)  # load during the cell; a calibration probe every few minutes
             store.write_tables()
     finally:
         progress.close()
+    manifest = {**store.read_manifest(), **probes.manifest_entries()}
     if startups:
-        manifest = store.read_manifest()
         manifest["cell_fixed_cost_s"] = {"median_startup_s": statistics.median(startups),
                                          "what": "worker process start-up and imports, before the workload"}
-        store.write_manifest(manifest)
+    store.write_manifest(manifest)
 
 
 def _skipped(store: RunStore, executor: LocalExecutor, cell: Cell, dep_status: str) -> dict:

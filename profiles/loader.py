@@ -45,6 +45,7 @@ SETTINGS_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 AXES: dict[str, tuple[type, ...]] = {
     "model": (str,), "workload": (str,), "backend": (str,), "device": (str,), "dtype": (str,),
     "batch": (int,), "seq_len": (int,), "loops_test": (int,), "kv_policy": (str,), "lr": NUM,
+    "seeds": (int,),  # training seeds: each model trains (and is evaluated) once per seed
 }
 
 
