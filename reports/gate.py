@@ -108,6 +108,7 @@ def gate_run_data(base_run: RunData, cand_run: RunData, *, rules: Rules,
     table["gated"] = gated
     table["outcome"] = outcomes
     table = _judge_noisy_rows(table, rules, (base_run, *base_more), (cand_run, *cand_more))
+    table = _refuse_invalid_rows(table, (base_run, *base_more), (cand_run, *cand_more))
 
     warnings, failures = [], []
     if comparison.fingerprint_note:
@@ -128,6 +129,36 @@ def gate_run_data(base_run: RunData, cand_run: RunData, *, rules: Rules,
         warnings.append("nothing was gated: no metric of the common cells has a gating rule "
                         "that applies here")
     return GateResult(table, tuple(warnings), tuple(failures), comparison)
+
+
+def _refuse_invalid_rows(table: pd.DataFrame, base_runs: tuple[RunData, ...],
+                         cand_runs: tuple[RunData, ...]) -> pd.DataFrame:
+    """A gated row measured while its machine was busy or throttled, or holding an impossible value (MFU
+    above 1, more than the calibrated copy rate), is not judged: `unresolved`, with the flag as its note."""
+    from loopscope.reports.validity import OK, validity
+
+    flags: dict[tuple[str, str, str, str], str] = {}
+    for side, runs in (("base", base_runs), ("cand", cand_runs)):
+        for run in runs:
+            if run.results.empty:
+                continue
+            results = run.results.assign(validity=validity(run.results, run.manifest))
+            bad = results[results["validity"] != OK]
+            for cid, metric, stat, why in zip(bad["cell_id"], bad["metric"], bad["stat"], bad["validity"],
+                                              strict=True):
+                flags.setdefault((side, str(cid), str(metric), str(stat)), f"{run.run_id}: {why}")
+    if not flags:
+        return table
+    table = table.copy()
+    for i in table.index[table["gated"] & (table["kind"] != "status")]:
+        row = table.loc[i]
+        metric = str(row["metric"]).split("/", 1)[0]  # an in-run ratio inherits its numerator's flag
+        why = [flags.get((side, str(row[f"{side}_cell_id"]), metric, str(row["stat"]))) for side in ("base", "cand")]
+        why = [w for w in why if w]
+        if why:
+            table.loc[i, "outcome"] = "unresolved"
+            table.loc[i, "note"] = "not judged, flagged invalid: " + "; ".join(why)
+    return table
 
 
 def _judge_noisy_rows(table: pd.DataFrame, rules: Rules, base_runs: tuple[RunData, ...],
