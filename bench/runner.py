@@ -13,7 +13,7 @@ from typing import TextIO
 
 from loopscope.bench.context import RunContext
 from loopscope.bench.errors import ConfigError
-from loopscope.bench.executor import LocalExecutor
+from loopscope.bench.executors import make_executor
 from loopscope.bench.matrix import Cell, expand, resolved_settings
 from loopscope.bench.progress import Progress
 from loopscope.bench.store import RunStore
@@ -32,6 +32,8 @@ class RunOptions:
     retry_failed: bool = False
     executor: str = "local"
     report: bool = True
+    shard: str | None = None  # "i/n", "auto" or "auto/n" (bench/shard.py)
+    address: str | None = None  # the Ray cluster for --executor ray (None: start one on this machine)
 
 
 def select(cells: list[Cell], patterns: tuple[str, ...]) -> list[Cell]:
@@ -136,12 +138,22 @@ def run(opts: RunOptions, out: TextIO = sys.stdout) -> int:
     cells = select(expand(profile), opts.only)
     if not cells:
         raise ConfigError(f"--only {' '.join(opts.only)!r} matches no cell of profile {profile.path}")
+    shard = None
+    if opts.shard:
+        from loopscope.bench.shard import parse_shard, shard_cells
+
+        shard = parse_shard(opts.shard)
+        cells = shard_cells(cells, shard)
+        print(f"shard {shard} ({shard.source}): {len(cells)} cells", file=out)
+        if not cells:
+            return 0
     if opts.dry_run:
         print(dry_run_table(cells), file=out)
         return 0
     _check_fits(profile, cells)
 
-    run_dir = opts.out or DEFAULT_RUNS_DIR / profile.name
+    run_dir = opts.out or DEFAULT_RUNS_DIR / (f"{profile.name}-shard{shard.index}of{shard.count}" if shard
+                                               else profile.name)
     store = RunStore(run_dir)
     store.create()
     with store.lock():
@@ -167,26 +179,26 @@ def _run_locked(store: RunStore, profile: Profile, cells: list[Cell], opts: RunO
     ctx = RunContext(run_dir=str(store.run_dir), device_class=device_class, calibration=calibration,
                      trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]),
                      numba_threading=str(settings["numba_threading"]))
-    store.write_manifest(_manifest(store, profile, cells, ctx, old))
+    manifest = _manifest(store, profile, cells, ctx, old)
+    if opts.shard:
+        manifest["shard"] = {"spec": opts.shard, "cells": len(cells)}
+    store.write_manifest(manifest)
     print(f"running {len(pending)} of {len(cells)} cells into {store.run_dir}", file=out)
 
     memory_limit = int(float(settings["memory_limit_gb"]) * 2**30)
-    executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit)
+    executor = make_executor(opts.executor, store, ctx, memory_limit_bytes=memory_limit, address=opts.address)
     progress = Progress(len(pending))
     statuses = {cid: r["status"] for cid, r in records.items()}
     startups: list[float] = []
+
+    def on_done(cell: Cell, record: dict) -> None:
+        if record.get("startup_s"):
+            startups.append(record["startup_s"])
+        progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
+        store.write_tables()
+
     try:
-        for cell in pending:
-            progress.starting(cell.label)
-            if cell.depends_on and statuses.get(cell.depends_on) != "ok":
-                record = _skipped(store, executor, cell, statuses.get(cell.depends_on, "missing"))
-            else:
-                record = executor.run_cell(cell)
-            statuses[cell.cell_id] = record["status"]
-            if record.get("startup_s"):
-                startups.append(record["startup_s"])
-            progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
-            store.write_tables()
+        executor.run_all(pending, statuses, on_start=lambda cell: progress.starting(cell.label), on_done=on_done)
     finally:
         progress.close()
     manifest = store.read_manifest()
@@ -203,13 +215,6 @@ def _run_locked(store: RunStore, profile: Profile, cells: list[Cell], opts: RunO
     failed = [c for c in cells if statuses.get(c.cell_id) != "ok"]
     print(f"done: {len(cells) - len(failed)} ok, {len(failed)} not ok, in {store.run_dir}", file=out)
     return 0
-
-
-def _skipped(store: RunStore, executor: LocalExecutor, cell: Cell, dep_status: str) -> dict:
-    record = executor.make_record(cell, "skipped", f"its train cell {cell.depends_on} is {dep_status}",
-                              {}, "", 0.0)
-    store.write_cell(record)
-    return record
 
 
 def _calibrate(settings: dict, device: str, out: TextIO) -> dict:
