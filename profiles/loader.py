@@ -31,7 +31,7 @@ SETTINGS_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
               "seq_len": (int,), "lr": NUM, "warmup_frac": NUM, "cooldown_frac": NUM,
               "weight_decay": NUM, "grad_clip": NUM, "betas": (list,), "log_every": (int,),
               "checkpoint_every": (int,), "spike_factor": NUM, "optimizer": (str,),
-              "muon_momentum": NUM},
+              "muon_momentum": NUM, "world_size": (int,), "parallel": (str,)},
     "eval": {"seq_len": (int,), "max_tokens": (int,), "stride": (int,), "seeds": (int,),
              "batch": (int,)},
     "measure": {"min_time_s": NUM, "min_count": (int,), "warmup": (int,), "energy": (bool,),
@@ -42,6 +42,11 @@ SETTINGS_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
 AXES: dict[str, tuple[type, ...]] = {
     "model": (str,), "workload": (str,), "backend": (str,), "device": (str,), "dtype": (str,),
     "batch": (int,), "seq_len": (int,), "loops_test": (int,), "kv_policy": (str,), "lr": NUM,
+}
+# Keys whose values are checked beyond their type: (section, key) -> (test, what a good value is).
+VALUE_RULES: dict[tuple[str, str], tuple[Any, str]] = {
+    ("train", "world_size"): (lambda v: v >= 1, "must be >= 1 (the number of training processes)"),
+    ("train", "parallel"): (lambda v: v in ("auto", "ddp", "fsdp"), "must be one of auto, ddp, fsdp"),
 }
 SWEEP_KEYS = set(AXES) | {"name", "include", "exclude"}
 WORKLOADS = ("train", "eval", "prefill", "decode", "kernels")
@@ -132,6 +137,8 @@ def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
                               f"(known: {', '.join(SETTINGS_SCHEMA[section])})")
             elif not _check_type(item, types):
                 errors.append(f"{where}: {section}.{key} = {item!r} must be {_type_name(types)}")
+            elif (section, key) in VALUE_RULES and not VALUE_RULES[section, key][0](item):
+                errors.append(f"{where}: {section}.{key} = {item!r} {VALUE_RULES[section, key][1]}")
     models = data.get("models", {})
     if not isinstance(models, dict):
         errors.append(f"{where}: [models] must be a table of [models.NAME] tables")

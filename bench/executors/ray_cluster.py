@@ -151,7 +151,7 @@ class RayExecutor(LocalExecutor):
 
     def _schedule(self, ray: Any, pending: list[Cell], statuses: dict[str, str], on_start: OnStart | None,
                   on_done: OnDone | None) -> None:
-        task = ray.remote(run_cell_on_node).options(max_retries=RAY_RETRIES, retry_exceptions=False)
+        task = ray.remote(max_retries=RAY_RETRIES, retry_exceptions=False)(run_cell_on_node)
         driver_hardware = node_identity()["hardware"]
         cap = _largest_node(ray)
         inflight: dict[Any, tuple[Cell, float]] = {}
