@@ -50,6 +50,13 @@ def strategy(cell: Cell) -> str:
     return "fsdp" if param_counts(ModelConfig.from_dict(cell.model_config)).unique >= FSDP_MIN_PARAMS else "ddp"
 
 
+def world_size_errors(where: str, cells: list[Cell]) -> list[str]:
+    """Load-time checks of multi-process train cells: the global batch must split evenly over the ranks."""
+    return [f"{where}: train.world_size = {world_size(c)} does not divide the batch {c.batch} of cell "
+            f"{c.label!r}; make the batch a multiple of world_size"
+            for c in cells if c.workload == "train" and c.batch % world_size(c)]
+
+
 # --- the launcher (in the cell's worker process) -------------------------------------------------------
 def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     n = world_size(cell)
