@@ -133,6 +133,7 @@ def failure_status(err: BaseException) -> tuple[str, str]:
 class RayExecutor(LocalExecutor):
     def __init__(self, store: RunStore, ctx: RunContext, *, memory_limit_bytes: int | None = None,
                  worker_cmd: list[str] | None = None, address: str | None = None) -> None:
+        import_ray()  # refuse at once, not after the first cells, when Ray is missing
         super().__init__(store, ctx, memory_limit_bytes=memory_limit_bytes, worker_cmd=worker_cmd)
         self.custom_worker_cmd = worker_cmd  # None: the node's own python runs loopscope's worker
         self.address = address

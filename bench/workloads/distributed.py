@@ -233,8 +233,12 @@ def rank_main(job: Path) -> None:
                       str(checkpoint_path(ctx, cell)))
         _rank0_rows(result, cell, ctx, cfg, losses, step_times, per_rank, agree, steps, how, n, cuda,
                     flops_per_token(cfg, cell.seq_len, mode="train"), len(tok.train))
-        if status == "ok":
-            result.rows.extend(_state_rows(module, tok.val, cell))
+        if status == "ok":  # FSDP's shards run only under collectives: measure a plain copy on rank 0
+            plain = module
+            if how == "fsdp":
+                plain = build_model(cell).to(device)
+                plain.load_state_dict(final)
+            result.rows.extend(_state_rows(plain, tok.val, cell))
         tmp = job / ".result.json.tmp"
         tmp.write_text(json.dumps({"status": result.status, "reason": result.reason, "rows": result.rows,
                                    "samples": result.samples}))
