@@ -14,6 +14,7 @@ on a multi-node cluster the run directory must be on a filesystem every node mou
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import platform
 import signal
@@ -77,15 +78,17 @@ def run_cell_on_node(cell_data: dict[str, Any], ctx_data: dict[str, Any], run_id
         from loopscope.profiles.detect import detect_device_class
 
         ctx = dataclasses.replace(ctx, calibration={}, device_class=detect_device_class().name)
-    with tempfile.TemporaryDirectory(prefix="loopscope-ray-") as tmp:
-        store = CapturingStore(Path(tmp) / run_id)  # rows carry the driver's run id
-        store.create()
-        executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit_bytes, worker_cmd=worker_cmd)
-        try:
-            executor.run_cell(cell)
-        except BaseException:  # cancelled (KeyboardInterrupt in this task): take the cell's worker with us
-            _kill_worker_groups()
-            raise
+    # One node-side folder per driver run (named by the run id: rows carry it). The local executor clears a
+    # cell's job folder before it starts and removes it when done, so a retry cleans up a killed attempt.
+    run_key = hashlib.sha256(ctx.run_dir.encode()).hexdigest()[:10]
+    store = CapturingStore(Path(tempfile.gettempdir()) / f"loopscope-ray-{os.getuid()}" / run_key / run_id)
+    store.create()
+    executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit_bytes, worker_cmd=worker_cmd)
+    try:
+        executor.run_cell(cell)
+    except BaseException:  # cancelled (KeyboardInterrupt in this task): take the cell's worker with us
+        _kill_worker_groups()
+        raise
     record = store.records[-1]
     record["node"] = node
     for row in record["rows"]:
