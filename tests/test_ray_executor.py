@@ -1,7 +1,8 @@
 """The ray executor: the local executor's cells, records and failure rows, run as tasks on a Ray cluster.
 
 One local cluster (ray.init(num_cpus=2)) serves the whole module. The stand-in workers keep it fast; the
-equivalence of real sweeps (local vs ray vs shards + merge) is in test_ray_equivalence.py (slow).
+equivalence of real sweeps (local vs ray vs shards + merge) and the kill and Ctrl-C checks on real
+cells are in tests/benchmarks/test_ray_equivalence.py and test_ray_interrupt.py (`tox -e benchmarks`).
 """
 
 from __future__ import annotations

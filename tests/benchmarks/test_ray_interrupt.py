@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO, run_cli
 
-TINY = str(Path(__file__).with_name("tiny_cluster_profile.toml"))
+TINY = str(Path(__file__).parents[1] / "tiny_cluster_profile.toml")
 
 
 def _processes() -> list[tuple[int, int, str]]:

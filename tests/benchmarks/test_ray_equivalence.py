@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-TINY = str(Path(__file__).with_name("tiny_cluster_profile.toml"))
+TINY = str(Path(__file__).parents[1] / "tiny_cluster_profile.toml")
 KEY = ["cell_id", "metric", "stat", "unit", "status"]
 DETERMINISTIC = ("train_loss", "bpb", "params", "train_tokens", "train_steps")
 
