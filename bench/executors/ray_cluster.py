@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import shutil
 import signal
 import tempfile
 import time
@@ -88,6 +89,7 @@ def run_cell_on_node(cell_data: dict[str, Any], ctx_data: dict[str, Any], run_id
         executor.run_cell(cell)
     except BaseException:  # cancelled (KeyboardInterrupt in this task): take the cell's worker with us
         _kill_worker_groups()
+        shutil.rmtree(store.run_dir / "jobs" / cell.cell_id, ignore_errors=True)
         raise
     record = store.records[-1]
     record["node"] = node
