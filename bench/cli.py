@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from loopscope.bench.errors import LoopscopeError
+from loopscope.bench.executors import executor_names
 
 EXIT_INTERRUPTED = 130
 EXIT_CODES = ("exit codes: 0 done (for gate: no regression); 1 gate only: a regression; "
@@ -61,11 +62,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the matrix with estimates and exit")
     r.add_argument("--trace", action="store_true", help="add a profiled pass (Chrome trace) per cell")
     r.add_argument("--retry-failed", action="store_true", help="rerun cells whose status is not ok")
-    r.add_argument("--executor", choices=["local"], default="local", help="where cells run")
+    r.add_argument("--executor", choices=executor_names(), default="local",
+                   help="where cells run: local (one process per cell here) or ray (a Ray cluster)")
+    r.add_argument("--address", help="Ray cluster address for --executor ray (default: start one on this machine)")
+    r.add_argument("--shard", metavar="I/N", help="run only shard I of N of the matrix (0-based); 'auto' or "
+                   "'auto/N' read I (and N) from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX")
     r.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
     r.add_argument("--allow-profile-change", action="store_true",
                    help="resume a run directory made with another profile: keep the cells both share and "
                         "drop the others from the tables")
+
+    mg = sub.add_parser("merge", help="combine the run directories of shards into one run",
+                        epilog=EXIT_CODES)
+    mg.add_argument("out", type=_run_dir_arg, help="the merged run directory (new or empty)")
+    mg.add_argument("runs", type=Path, nargs="+", metavar="RUN")
+    mg.add_argument("--no-report", action="store_true", help="skip writing the report of the merged run")
 
     rep = sub.add_parser("report", help="(re)write report.md, report.html and charts for a run",
                          description="Write RUN/report.md, RUN/report.html and RUN/charts/*.png|svg: the findings "
@@ -142,7 +153,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     return run(RunOptions(profile=args.profile, out=args.out, only=tuple(args.only), dry_run=args.dry_run,
                           trace=args.trace, retry_failed=args.retry_failed, executor=args.executor,
-                          report=not args.no_report, allow_profile_change=args.allow_profile_change))
+                          report=not args.no_report, allow_profile_change=args.allow_profile_change,
+                          shard=args.shard, address=args.address))
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from loopscope.bench.merge import merge_runs
+
+    merged = merge_runs(args.out, args.runs, report=not args.no_report)
+    emit(f"merged {len(args.runs)} runs ({merged} cells) into {args.out}")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -243,8 +263,8 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "report": _cmd_report, "compare": _cmd_compare, "gate": _cmd_gate,
-            "export": _cmd_export, "history": _cmd_history,
+COMMANDS = {"run": _cmd_run, "merge": _cmd_merge, "report": _cmd_report, "compare": _cmd_compare,
+            "gate": _cmd_gate, "export": _cmd_export, "history": _cmd_history,
             "profiles": _cmd_profiles, "models": _cmd_models, "fingerprint": _cmd_fingerprint}
 
 

@@ -209,6 +209,9 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
                 continue
             cell = dataclasses.replace(cell, depends_on=train.cell_id)
         ordered.append(cell)
+    from loopscope.bench.workloads.distributed import world_size_errors
+
+    errors.extend(world_size_errors(profile.path, ordered))
     if errors:
         raise ConfigError("\n".join(dict.fromkeys(errors)))
     order = {w: i for i, w in enumerate(("train", "eval", "prefill", "decode", "kernels"))}

@@ -13,7 +13,7 @@ from typing import TextIO
 
 from loopscope.bench.context import RunContext
 from loopscope.bench.errors import ConfigError
-from loopscope.bench.executor import LocalExecutor
+from loopscope.bench.executors import make_executor
 from loopscope.bench.matrix import Cell, expand, resolved_settings
 from loopscope.bench.meters.calibration import CalibrationProbes
 from loopscope.bench.progress import Progress
@@ -35,6 +35,8 @@ class RunOptions:
     executor: str = "local"
     report: bool = True
     allow_profile_change: bool = False
+    shard: str | None = None  # "i/n", "auto" or "auto/n" (bench/shard.py)
+    address: str | None = None  # the Ray cluster for --executor ray (None: start one on this machine)
 
 
 def select(cells: list[Cell], patterns: tuple[str, ...]) -> list[Cell]:
@@ -144,12 +146,22 @@ def run(opts: RunOptions, out: TextIO = sys.stdout) -> int:
     cells = select(matrix, opts.only)
     if not cells:
         raise ConfigError(f"--only {' '.join(opts.only)!r} matches no cell of profile {profile.path}")
+    shard = None
+    if opts.shard:
+        from loopscope.bench.shard import parse_shard, shard_cells
+
+        shard = parse_shard(opts.shard)
+        cells = shard_cells(cells, shard)
+        print(f"shard {shard} ({shard.source}): {len(cells)} cells", file=out)
+        if not cells:
+            return 0
     if opts.dry_run:
         print(dry_run_table(cells), file=out)
         return 0
     _check_fits(profile, cells)
 
-    run_dir = opts.out if opts.out is not None else DEFAULT_RUNS_DIR / profile.name
+    run_dir = opts.out if opts.out is not None else DEFAULT_RUNS_DIR / (
+        f"{profile.name}-shard{shard.index}of{shard.count}" if shard else profile.name)
     store = RunStore(run_dir)
     store.create()
     with store.lock():
@@ -215,12 +227,15 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
         ctx = RunContext(run_dir=str(store.run_dir), device_class=device_class, calibration=calibration,
                          trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]),
                          numba_threading=str(settings["numba_threading"]))
-        store.write_manifest(_manifest(store, profile, matrix, ctx, old))
+        manifest = _manifest(store, profile, matrix, ctx, old)
+        if opts.shard:
+            manifest["shard"] = {"spec": opts.shard, "cells": len(cells)}
+        store.write_manifest(manifest)
         if changed:
             print(f"profile changed ({old.get('profile', {}).get('hash')} -> {profile.raw_hash}): the tables keep "
                   f"only cells of the new matrix", file=out)
     if pending:
-        _run_cells(store, ctx, settings, pending, cells, statuses, old, out)
+        _run_cells(store, ctx, settings, pending, cells, statuses, old, opts, out)
     else:
         failed = sum(statuses.get(c.cell_id) != "ok" for c in cells)
         note = f" ({failed} failed; rerun them with --retry-failed)" if failed else ""
@@ -241,26 +256,23 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
 
 
 def _run_cells(store: RunStore, ctx: RunContext, settings: dict, pending: list[Cell], cells: list[Cell],
-               statuses: dict[str, str], old: dict, out: TextIO) -> None:
+               statuses: dict[str, str], old: dict, opts: RunOptions, out: TextIO) -> None:
     print(f"running {len(pending)} of {len(cells)} cells into {store.run_dir}", file=out)
     memory_limit = int(float(settings["memory_limit_gb"]) * 2**30)
-    executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit)
+    executor = make_executor(opts.executor, store, ctx, memory_limit_bytes=memory_limit, address=opts.address)
     progress = Progress(len(pending), estimates=[_estimate(c)[0] for c in pending])
     probes = CalibrationProbes.resume(old, ctx.calibration, settings.get("device", "cpu"))
     startups: list[float] = []
+
+    def on_done(cell: Cell, record: dict) -> None:
+        if record.get("startup_s"):
+            startups.append(record["startup_s"])
+        progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
+        probes.after_cell(cell.cell_id)  # load during the cell; a calibration probe every few minutes
+        store.write_tables()
+
     try:
-        for cell in pending:
-            progress.starting(cell.label)
-            if cell.depends_on and statuses.get(cell.depends_on) != "ok":
-                record = _skipped(store, executor, cell, statuses.get(cell.depends_on, "missing"))
-            else:
-                record = executor.run_cell(cell)
-            statuses[cell.cell_id] = record["status"]
-            if record.get("startup_s"):
-                startups.append(record["startup_s"])
-            progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
-            probes.after_cell(cell.cell_id)  # load during the cell; a calibration probe every few minutes
-            store.write_tables()
+        executor.run_all(pending, statuses, on_start=lambda cell: progress.starting(cell.label), on_done=on_done)
     finally:
         progress.close()
     manifest = {**store.read_manifest(), **probes.manifest_entries()}
@@ -268,13 +280,6 @@ def _run_cells(store: RunStore, ctx: RunContext, settings: dict, pending: list[C
         manifest["cell_fixed_cost_s"] = {"median_startup_s": statistics.median(startups),
                                          "what": "worker process start-up and imports, before the workload"}
     store.write_manifest(manifest)
-
-
-def _skipped(store: RunStore, executor: LocalExecutor, cell: Cell, dep_status: str) -> dict:
-    record = executor.make_record(cell, "skipped", f"its train cell {cell.depends_on} is {dep_status}",
-                              {}, "", 0.0)
-    store.write_cell(record)
-    return record
 
 
 def _calibrate(settings: dict, device: str, out: TextIO) -> dict:

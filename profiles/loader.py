@@ -34,7 +34,7 @@ SETTINGS_SCHEMA: dict[str, dict[str, tuple[type, ...]]] = {
               "seq_len": (int,), "lr": NUM, "warmup_frac": NUM, "cooldown_frac": NUM,
               "weight_decay": NUM, "grad_clip": NUM, "betas": (list,), "log_every": (int,),
               "checkpoint_every": (int,), "spike_factor": NUM, "optimizer": (str,),
-              "muon_momentum": NUM},
+              "muon_momentum": NUM, "world_size": (int,), "parallel": (str,)},
     "eval": {"seq_len": (int,), "max_tokens": (int,), "stride": (int,), "seeds": (int,),
              "batch": (int,)},
     "measure": {"min_time_s": NUM, "min_count": (int,), "warmup": (int,), "energy": (bool,),
@@ -84,7 +84,8 @@ RANGES: dict[str, dict[str, Range]] = {
               "seq_len": Range(1, 2**20), "lr": Range(0, 10, lo_open=True), "warmup_frac": _FRAC,
               "cooldown_frac": _FRAC, "weight_decay": Range(0, 10), "grad_clip": Range(0, 1e6, lo_open=True),
               "betas": Range(0, 1, hi_open=True), "log_every": _COUNT, "checkpoint_every": Range(0, 2**31 - 1),
-              "spike_factor": Range(1, 1e6, lo_open=True), "muon_momentum": Range(0, 1, hi_open=True)},
+              "spike_factor": Range(1, 1e6, lo_open=True), "muon_momentum": Range(0, 1, hi_open=True),
+              "world_size": Range(1, 4096)},
     "eval": {"seq_len": Range(1, 2**20), "max_tokens": Range(1, 1e15), "stride": Range(1, 2**20),
              "seeds": Range(1, 1000), "batch": Range(1, 65536)},
     "measure": {"min_time_s": Range(0, 86400), "min_count": Range(1, 10_000), "warmup": Range(0, 10_000),
@@ -93,6 +94,10 @@ RANGES: dict[str, dict[str, Range]] = {
 }
 AXIS_RANGES: dict[str, Range] = {"batch": Range(1, 65536), "seq_len": Range(1, 2**20),
                                  "loops_test": Range(1, 4096), "lr": Range(0, 10, lo_open=True)}
+# Keys whose values are checked beyond their type: (section, key) -> (test, what a good value is).
+VALUE_RULES: dict[tuple[str, str], tuple[Any, str]] = {
+    ("train", "parallel"): (lambda v: v in ("auto", "ddp", "fsdp"), "must be one of auto, ddp, fsdp"),
+}
 SWEEP_KEYS = set(AXES) | {"name", "include", "exclude"}
 WORKLOADS = ("train", "eval", "prefill", "decode", "kernels")
 BACKENDS = tuple(BACKEND_SPECS)  # one spelling each; aliases are normalised when a profile is loaded
@@ -196,6 +201,8 @@ def _validate(path: Path, data: dict[str, Any], errors: list[str]) -> None:
                 errors.append(f"{where}: train.betas = {item!r} must be a list of two numbers")
             elif key in RANGES.get(section, {}):
                 _check_range(where, f"{section}.{key}", item, RANGES[section][key], errors)
+            elif (section, key) in VALUE_RULES and not VALUE_RULES[section, key][0](item):
+                errors.append(f"{where}: {section}.{key} = {item!r} {VALUE_RULES[section, key][1]}")
     models = data.get("models", {})
     if not isinstance(models, dict):
         errors.append(f"{where}: [models] must be a table of [models.NAME] tables")

@@ -97,6 +97,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     from loopscope.models import ModelConfig, flops_per_token
 
     train = cell.settings["train"]
+    if int(train.get("world_size", 1)) > 1:  # several processes under torchrun (DDP / FSDP)
+        from loopscope.bench.workloads.distributed import run as run_distributed
+
+        return run_distributed(cell, ctx)
     data_cfg = cell.settings["data"]
     corpus = load_corpus(data_cfg["corpus"], max_bytes=data_cfg["max_bytes"])
     tok = tokenize(corpus, data_cfg["tokenizer"], Path(ctx.run_dir) / "tokenizers")
