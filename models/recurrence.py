@@ -236,7 +236,7 @@ def run_loops(step: Callable[[torch.Tensor, int], torch.Tensor], h: torch.Tensor
             for s in range(n_steps):
                 with region(loop_label(loop)):
                     new = step(h, loop)
-                    if not uniform or bool(done.any()):  # freeze sequences that are finished
+                    if not uniform or (per_sequence and bool(done.any())):  # freeze finished sequences
                         active = ((counts > s) & ~done).to(h.device).view(-1, *([1] * (h.dim() - 1)))
                         new = torch.where(active, new, h)
                 loop += 1

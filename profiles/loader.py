@@ -92,7 +92,7 @@ RANGES: dict[str, dict[str, Range]] = {
                 "energy_window_s": Range(0, 3600, lo_open=True)},
     "decode": {"prompt_len": Range(1, 2**20), "new_tokens": Range(1, 2**20)},
 }
-AXIS_RANGES: dict[str, Range] = {"batch": Range(1, 65536), "seq_len": Range(1, 2**20),
+AXIS_RANGES: dict[str, Range] = {"batch": Range(1, 65536), "seq_len": Range(1, 2**20), "seeds": Range(0, 2**32 - 1),
                                  "loops_test": Range(1, 4096), "lr": Range(0, 10, lo_open=True)}
 # Keys whose values are checked beyond their type: (section, key) -> (test, what a good value is).
 VALUE_RULES: dict[tuple[str, str], tuple[Any, str]] = {

@@ -6,23 +6,23 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-PREFILL = "bench/workloads/prefill.py"
+PREFILL = "bench/engines.py"  # the torch backend's prefill call
 BLOCKS = "models/blocks.py"
 
-_EAGER = '''    def call_eager() -> object:
-        with torch.inference_mode():
-            return model(idx, **kwargs)
+_EAGER = '''        def call() -> object:
+            with torch.inference_mode():
+                return model(idx, **kwargs)
 '''
 # Busy-wait `fraction` of each forward's own CPU time after it, so wall and process CPU time both grow.
-_EAGER_SLOW = '''    def call_eager() -> object:
-        import time
-        c0 = time.process_time()
-        with torch.inference_mode():
-            out = model(idx, **kwargs)
-        stop = c0 + (time.process_time() - c0) * (1.0 + {fraction!r})
-        while time.process_time() < stop:
-            pass
-        return out
+_EAGER_SLOW = '''        def call() -> object:
+            import time
+            c0 = time.process_time()
+            with torch.inference_mode():
+                out = model(idx, **kwargs)
+            stop = c0 + (time.process_time() - c0) * (1.0 + {fraction!r})
+            while time.process_time() < stop:
+                pass
+            return out
 '''
 _MLP = "        h = self.fc(x)\n"
 _MLP_SLOW = "        h = self.fc(x) + 0.0 * self.fc(x)\n"  # one extra matmul per MLP, numerically a no-op

@@ -84,8 +84,8 @@ def test_a_process_on_the_linked_site_imports_that_checkout_not_the_installed_pa
     ab_plant.plant_prefill_slowdown(candidate, 0.5)
     site = link_site(candidate, tmp_path / "site")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
-    code = ("import loopscope.bench.workloads.prefill as m, loopscope.reports.gate as g; "
-            "print(m.__file__); print(g.__file__); print('process_time' in open(m.__file__).read())")
+    code = ("import loopscope.bench.engines as m, loopscope.reports.gate as g; "
+            "print(m.__file__); print(g.__file__); print('(1.0 + 0.5)' in open(m.__file__).read())")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                          check=True).stdout.split()
     assert out[0].startswith(str(site)) and out[1].startswith(str(site)) and out[2] == "True"
@@ -102,23 +102,3 @@ def test_a_planted_prefill_slowdown_is_caught(candidate, tmp_path):
     latency = result.table.set_index("metric").loc["latency_ms"]
     assert latency["verdict"] == "fail" and latency["ratio"] > 1.4, text
     assert "noise floor" in text and "2 ABBA block(s)" in text
-
-
-@pytest.mark.slow
-def test_an_aa_comparison_passes(candidate, tmp_path):
-    result = _gate(candidate, tmp_path)
-    assert result.exit_code == 0, result.render()
-    assert set(result.table["verdict"]) <= {"pass", "unresolved"}
-    assert result.table["noise_floor"].notna().all()
-
-
-@pytest.mark.slow
-def test_a_slowdown_below_the_noise_floor_is_unresolved_not_pass(candidate, tmp_path):
-    ab_plant.plant_prefill_slowdown(candidate, 0.03)
-    result = _gate(candidate, tmp_path, tolerance=0.002)
-    for row in result.table.to_dict("records"):
-        assert row["verdict"] != "pass", result.render()
-        if abs(row["ratio"] - 1.0) < row["noise_floor"]:
-            assert row["verdict"] == "unresolved", result.render()
-    if (result.table["verdict"] == "unresolved").any():
-        assert "unresolved: the noise floor" in result.render()

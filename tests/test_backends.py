@@ -182,8 +182,13 @@ print(json.dumps(out))
 """
 
 
+# numba-cuda's cells run under the numba CUDA simulator, minutes each on 2 cores: they are in
+# tests/benchmarks/test_backends_cuda_seam.py (`tox -e benchmarks`); torch on CUDA needs a real GPU.
 @pytest.mark.parametrize("backend,workload,device,dtype", [c for c in declared_combinations() if c[2] == "cuda"])
 def test_declared_cuda_combination_runs_through_a_seam(tmp_path, backend, workload, device, dtype):
+    if backend == "numba-cuda" and not os.environ.get("LOOPSCOPE_CUDASIM_CELLS"):
+        pytest.skip("numba-cuda cells under the CUDA simulator run with tox -e benchmarks "
+                    "(tests/benchmarks/test_backends_cuda_seam.py)")
     if backend != "numba-cuda":
         import torch
 

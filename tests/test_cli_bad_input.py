@@ -129,9 +129,9 @@ CASES: list[tuple[str, dict[str, str], list[str], str]] = [
     # --- arguments ---
     ("out-empty", prof(""), ["run", "--profile", "{d}/p.toml", "--out", ""], "--out"),
     ("report-empty", {}, ["report", ""], "empty"),
-    ("executor-unknown", prof(""), [*RUN, "--executor", "ray"], "--executor"),
+    ("executor-unknown", prof(""), [*RUN, "--executor", "slurm"], "--executor"),
     ("option-unknown", {}, ["run", "--bogus"], "--bogus"),
-    ("gate-one-run", {}, ["gate", "{d}"], "required"),
+    ("gate-one-run", {}, ["gate", "{d}"], "give BASE and CAND"),
     ("no-command", {}, [], "required"),
     ("models-context-text", {}, ["models", "--context", "abc"], "--context"),
 ]

@@ -78,7 +78,7 @@ def check_matches_one_process(ctx: RunContext, single, parallel: str) -> None:
 
 
 @pytest.mark.parametrize("line, message", [
-    ("world_size = 0", "train.world_size = 0 must be >= 1"),
+    ("world_size = 0", r"train.world_size = 0 is out of range: expected a value in \[1, 4096\]"),
     ('world_size = "2"', "train.world_size = '2' must be int"),
     ('parallel = "zero"', "train.parallel = 'zero' must be one of auto, ddp, fsdp"),
     ("world_size = 3", "train.world_size = 3 does not divide the batch 8"),

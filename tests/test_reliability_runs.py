@@ -126,10 +126,13 @@ def test_a_run_whose_cells_all_fail_exits_3_and_a_gate_between_two_such_runs_fai
 
 
 def test_a_gate_that_found_regressions_exits_1_even_when_its_reader_left(tmp_path):
-    from tests.rundir_factory import write_synthetic_run
+    from dataclasses import replace
+
+    from tests.rundir_factory import default_cells, write_synthetic_run
 
     base = write_synthetic_run(tmp_path / "base", run_id="base", seed=1)
-    cand = write_synthetic_run(tmp_path / "cand", run_id="cand", seed=2, slowdown={0: 1.6, 1: 1.6})
+    worse = [replace(c, bpb=c.bpb * 1.05) for c in default_cells()]  # a quality regression: judged by value
+    cand = write_synthetic_run(tmp_path / "cand", run_id="cand", seed=2, cells=worse)
     assert run_cli("gate", str(base), str(cand)).returncode == 1
     proc = subprocess.Popen([sys.executable, "-m", "loopscope.bench.cli", "gate", str(base), str(cand)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
