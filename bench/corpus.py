@@ -71,24 +71,36 @@ def _file_documents(pattern: str) -> Iterator[tuple[str, bytes]]:
 
 def split_documents(docs: Iterator[tuple[str, bytes]], max_bytes: int | None
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate documents into train and val byte arrays, each capped at its share of max_bytes."""
+    """Concatenate documents into train and val byte arrays, each capped at its share of max_bytes.
+
+    Both splits are never empty: when the name hash leaves one side without a document (a corpus of
+    one file, or of a few), the documents are joined and the last 1/VAL_EVERY of the bytes is held out.
+    A corpus with fewer than two bytes is refused."""
     train_cap = val_cap = None
     if max_bytes is not None:
         val_cap = max(max_bytes // VAL_EVERY, 1)
-        train_cap = max_bytes - val_cap
+        train_cap = max(max_bytes - val_cap, 1)
     train: list[bytes] = []
     val: list[bytes] = []
     sizes = {"train": 0, "val": 0}
     for name, text in docs:
+        if not text:
+            continue
         split, parts, cap = ("val", val, val_cap) if _is_val(name) else ("train", train, train_cap)
         if cap is not None and sizes[split] >= cap:
             continue
         parts.append(text + DOC_SEPARATOR)
         sizes[split] += len(text) + len(DOC_SEPARATOR)
-    if not val:  # a tiny single-document corpus: hold out its tail
-        blob = b"".join(train)
-        cut = int(len(blob) * (1 - 1 / VAL_EVERY))
-        train, val = [blob[:cut]], [blob[cut:]]
+    if not val or not train:  # a tiny corpus: hold out the tail of all of it
+        blob = b"".join(train + val)
+        if max_bytes is not None:
+            blob = blob[:max_bytes]
+        blob = blob[:-len(DOC_SEPARATOR)] if blob.endswith(DOC_SEPARATOR) else blob
+        if len(blob) < 2:
+            raise ConfigError(f"corpus holds {len(blob)} byte(s) of text: too little to split into training "
+                              "and held-out parts (data.corpus)")
+        cut = min(max(int(len(blob) * (1 - 1 / VAL_EVERY)), 1), len(blob) - 1)
+        return np.frombuffer(blob[:cut], dtype=np.uint8).copy(), np.frombuffer(blob[cut:], dtype=np.uint8).copy()
     as_array = lambda parts, cap: np.frombuffer(b"".join(parts)[:cap], dtype=np.uint8).copy()  # noqa: E731
     return as_array(train, train_cap), as_array(val, val_cap)
 
@@ -99,20 +111,21 @@ def load_corpus(spec: str = "default", *, max_bytes: int | None = None) -> Corpu
         train, val = split_documents(_default_documents(), max_bytes)
         return Corpus("default", train, val, "pydoc_data topics + Python standard library sources, bytes")
     if spec.startswith("probe:"):
-        from loopscope.bench.probe import ProbeSpec, probe_splits
+        from loopscope.bench.probe import probe_corpus
 
         try:
-            probe = ProbeSpec.parse(spec)
+            train_ex, test_ex, description = probe_corpus(spec)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        train_ex, test_ex = probe_splits(probe)
         as_bytes = lambda ex: np.frombuffer("".join(ex).encode("ascii"), dtype=np.uint8).copy()  # noqa: E731
-        return Corpus(spec, as_bytes(train_ex), as_bytes(test_ex),
-                      f"k-hop pointer chasing, {probe.symbols} symbols, 1..{probe.max_hops} hops", tuple(test_ex))
+        return Corpus(spec, as_bytes(train_ex), as_bytes(test_ex), description, tuple(test_ex))
     if spec.startswith("hf:"):
         from loopscope.bench.hf_corpus import cached_documents
 
         train, val = split_documents(cached_documents(spec, max_bytes), max_bytes)
         return Corpus(spec, train, val, f"Hugging Face dataset {spec[3:]} (train split, streamed), bytes")
-    train, val = split_documents(_file_documents(spec), max_bytes)
+    try:
+        train, val = split_documents(_file_documents(spec), max_bytes)
+    except ConfigError as err:
+        raise ConfigError(f"corpus {spec!r}: {err}") from None
     return Corpus(spec, train, val, f"local text from {spec}, bytes")

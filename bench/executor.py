@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from loopscope.bench.context import RunContext
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import unmeasured
 from loopscope.bench.store import RunStore, atomic_write_text, dumps
+from loopscope.bench.worker_guard import PARENT_ENV
 
 POLL_S = 0.05
 STDERR_TAIL = 2000
@@ -54,6 +56,13 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def cell_columns(cell: Cell, run_id: str, device_class: str) -> dict[str, Any]:
     """The columns every row of a cell carries: its axes and its model's accounting."""
     from loopscope.models import ModelConfig, effective_depth, param_counts
@@ -67,7 +76,7 @@ def cell_columns(cell: Cell, run_id: str, device_class: str) -> dict[str, Any]:
         "loops_train": cell.loops_train, "loops_test": cell.loops_test, "backend": cell.backend,
         "device": cell.device, "device_class": device_class, "workload": cell.workload,
         "batch": cell.batch, "seq_len": cell.seq_len, "dtype": cell.dtype, "kv_policy": cell.kv_policy,
-        "lr": cell.lr,
+        "lr": cell.lr, "seed": cell.seed,
     }
 
 
@@ -82,21 +91,36 @@ class LocalExecutor:
         self.worker_cmd = worker_cmd or [sys.executable, "-m", "loopscope.bench.worker"]
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
-        job = self.store.run_dir / "jobs" / cell.cell_id
+        job = Path(os.path.abspath(self.store.jobs_dir / cell.cell_id))
         shutil.rmtree(job, ignore_errors=True)
         job.mkdir(parents=True)
         atomic_write_text(job / "cell.json", dumps(cell.to_dict()))
         atomic_write_text(job / "context.json", dumps(self.ctx.to_dict()))
         started = time.perf_counter()
         with open(job / "stdout.txt", "wb") as out, open(job / "stderr.txt", "wb") as err:
+            # Its own process group (so a timeout kills the worker's whole tree), in this session; the
+            # worker stops itself if this process dies (worker.watch_parent), and an interrupt here
+            # kills it before the interrupt goes on.
+            env = {**os.environ, PARENT_ENV: str(os.getpid())}
             proc = subprocess.Popen([*self.worker_cmd, str(job)], stdout=out, stderr=err,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-            status, reason = self._wait(proc, cell.timeout_s)
+                                    stdin=subprocess.DEVNULL, process_group=0, env=env)
+            self.store.note_worker(proc.pid, running=True)
+            try:
+                status, reason = self._wait(proc, cell.timeout_s)
+            except BaseException:
+                self._kill(proc)
+                raise
+            finally:
+                _kill_group(proc.pid)  # anything the worker started and left behind
+                self.store.note_worker(proc.pid, running=False)
         wall_s = time.perf_counter() - started
         stderr_tail = (job / "stderr.txt").read_bytes()[-STDERR_TAIL:].decode("utf-8", "replace")
         result: dict[str, Any] = {}
         if (job / "result.json").is_file():
-            result = json.loads((job / "result.json").read_text())
+            try:
+                result = json.loads((job / "result.json").read_text())
+            except (OSError, ValueError):
+                result = {}
         if status == "ok":
             if result:
                 status, reason = result["status"], result["reason"]
@@ -127,8 +151,9 @@ class LocalExecutor:
 
     @staticmethod
     def _kill(proc: subprocess.Popen) -> None:
+        _kill_group(proc.pid)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
         except ProcessLookupError:
             pass
         proc.wait()

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from loopscope.bench.backends import refusal
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.tokenizer import vocab_size
 from loopscope.bench.workloads.optimizers import OPTIMIZERS
@@ -78,6 +79,8 @@ class Cell:
         parts = [self.workload, self.model, self.backend, self.device]
         if self.lr is not None and self.workload in ("train", "eval"):
             parts.append(f"lr={self.lr:g}")
+            if self.seed:
+                parts.append(f"seed={self.seed}")
         if self.loops_test is not None:
             parts.append(f"T={self.loops_test}")
         if self.kv_policy:
@@ -154,7 +157,7 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
         errors.append(f"{profile.path}: train.optimizer = {optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
 
     cells: dict[str, Cell] = {}
-    train_cells: dict[tuple[str, float], Cell] = {}
+    train_cells: dict[tuple[str, float, int], Cell] = {}
     for i, sweep in enumerate(profile.sweeps):
         label = f"{profile.path}: sweep[{i}]"
         axes_lists = {
@@ -169,6 +172,7 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
                                        DEFAULT_EVAL_LOOPS if "eval" in _axis_values(sweep, "workload", []) else None),
             "kv_policy": _axis_values(sweep, "kv_policy", None),
             "lr": _axis_values(sweep, "lr", settings["train"]["lr"]),
+            "seeds": _axis_values(sweep, "seeds", run["seed"]),
         }
         for key, allowed in (("workload", WORKLOADS), ("backend", BACKENDS), ("dtype", DTYPES),
                              ("kv_policy", KV_POLICIES + (None,))):
@@ -187,24 +191,27 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
             if cell is not None:
                 cells.setdefault(cell.cell_id, cell)
                 if cell.workload == "train":
-                    train_cells[(cell.model, cell.lr)] = cell
+                    train_cells[(cell.model, cell.lr, cell.seed)] = cell
         for rule in sweep.get("include", []):
             axes = {**{k: v[0] for k, v in axes_lists.items()}, **rule}
             cell = _make_cell(axes, configs, settings, label, errors)
             if cell is not None:
                 cells.setdefault(cell.cell_id, cell)
 
-    # Eval cells read the checkpoint of the train cell of the same model and learning rate.
+    # Eval cells read the checkpoint of the train cell of the same model, learning rate and seed.
     ordered: list[Cell] = []
     for cell in cells.values():
         if cell.workload == "eval":
-            train = train_cells.get((cell.model, cell.lr))
+            train = train_cells.get((cell.model, cell.lr, cell.seed))
             if train is None:
-                errors.append(f"{profile.path}: eval of {cell.model!r} (lr={cell.lr}) needs a train cell "
-                              "of the same model and lr in the profile")
+                errors.append(f"{profile.path}: eval of {cell.model!r} (lr={cell.lr}, seed={cell.seed}) needs "
+                              "a train cell of the same model, lr and seed in the profile")
                 continue
             cell = dataclasses.replace(cell, depends_on=train.cell_id)
         ordered.append(cell)
+    from loopscope.bench.workloads.distributed import world_size_errors
+
+    errors.extend(world_size_errors(profile.path, ordered))
     if errors:
         raise ConfigError("\n".join(dict.fromkeys(errors)))
     order = {w: i for i, w in enumerate(("train", "eval", "prefill", "decode", "kernels"))}
@@ -218,18 +225,13 @@ def _make_cell(axes: dict[str, Any], configs: dict[str, dict[str, Any]],
         return None  # already reported
     cfg = configs[name]
     looped = cfg["family"] != "gpt"
-    if axes["backend"].startswith("numba-cuda") != axes["device"].startswith("cuda"):
-        if axes["backend"] == "numba-cuda" or axes["backend"] == "numba":
-            errors.append(f"{label}: backend {axes['backend']!r} does not run on device {axes['device']!r} "
-                          "(numba runs on cpu, numba-cuda on cuda)")
-            return None
-    if axes["dtype"] != "float32" and axes["backend"].startswith("numba"):
-        errors.append(f"{label}: backend {axes['backend']!r} supports dtype float32 only, "
-                      f"not {axes['dtype']!r}")
+    refused = refusal(axes["backend"], workload, axes["device"], axes["dtype"])
+    if refused:
+        errors.append(f"{label}: {refused}")
         return None
     run = settings["profile"]
     base = dict(model=name, model_config=cfg, workload=workload, backend=axes["backend"],
-                device=axes["device"], dtype=axes["dtype"], seed=int(run["seed"]),
+                device=axes["device"], dtype=axes["dtype"], seed=int(axes.get("seeds", run["seed"])),
                 timeout_s=float(run["timeout_s"]))
     data = settings["data"]
     if workload == "train":
@@ -241,7 +243,15 @@ def _make_cell(axes: dict[str, Any], configs: dict[str, dict[str, Any]],
         if cfg["family"] in RANDOM_STATE_FAMILIES:
             ev["seeds"] = max(int(ev["seeds"]), 1)
         loops = axes["loops_test"] if looped else None
-        return Cell(**base, batch=axes["batch"] or ev["batch"], seq_len=axes["seq_len"] or ev["seq_len"],
+        seq_len = axes["seq_len"] or ev["seq_len"]
+        if ev.get("stride") is not None and int(ev["stride"]) > seq_len:
+            errors.append(f"{label}: eval.stride = {ev['stride']} is longer than its window, seq_len = {seq_len}")
+            return None
+        if int(ev["max_tokens"]) < seq_len:
+            errors.append(f"{label}: eval.max_tokens = {ev['max_tokens']} is shorter than one window, "
+                          f"seq_len = {seq_len}")
+            return None
+        return Cell(**base, batch=axes["batch"] or ev["batch"], seq_len=seq_len,
                     loops_test=loops, lr=float(axes["lr"]), settings={"eval": ev, "data": data})
     if workload in ("prefill", "decode"):
         measure = settings["measure"]

@@ -150,3 +150,51 @@ def roofline_rows(flops: float, bytes_moved: float, seconds: float, calibration:
         metric_row("roofline_fraction", point.fraction_of_roof, "fraction",
                    source="achieved analytic FLOP/s / attainable under the calibrated roof"),
     ]
+
+
+def core_weight_bytes(cfg: ModelConfig, dtype_bytes: int = 4) -> float:
+    """Bytes of the looped core's weight matrices, read once per loop (0 for a dense model)."""
+    if not cfg.is_looped:
+        return 0.0
+    return float((matmul_params_per_token(cfg, 2) - matmul_params_per_token(cfg, 1)) * dtype_bytes)
+
+
+def decode_bw_rows(cfg: ModelConfig, batch: int, context: int, loops: int | None, dtype_bytes: int,
+                   step_s: float, bandwidth: float, *, llc_bytes: float = math.nan,
+                   llc_name: str = "last-level cache") -> list[dict[str, Any]]:
+    """Decode as the memory-bound call it is: `bw_util` = bytes that must be read per step / step time /
+    calibrated bandwidth. For a looped model twice: stat "core-reread" (every loop re-reads the core from
+    DRAM) and "core-once" (the core read once per step, the rest served from cache); with `llc_bytes`, a
+    `core_fits_llc` flag says whether the core can stay in the last-level cache between loops."""
+    from loopscope.bench.schema import metric_row, unmeasured
+
+    T = loops if (cfg.is_looped and loops) else (cfg.mu_rec if cfg.is_looped else 1)
+    reread = decode_step_bytes(cfg, batch, context, loops, dtype_bytes)
+    core = core_weight_bytes(cfg, dtype_bytes)
+    variants = [("", reread, "weights per effective layer, embeddings and head, KV read")]
+    if cfg.is_looped:
+        once = reread - (T - 1) * core
+        variants = [("core-reread", reread, f"the core re-read from DRAM on each of {T} loops"),
+                    ("core-once", once, "the core read once per step (later loops served from cache)")]
+    rows: list[dict[str, Any]] = []
+    usable = math.isfinite(bandwidth) and bandwidth > 0 and step_s > 0
+    for stat, moved, what in variants:
+        rows.append(metric_row("decode_bytes_per_step", moved, "bytes", stat=stat,
+                               source=f"analytic compulsory bytes of one step at context {context}: {what}"))
+        if usable:
+            rows.append(metric_row("bw_util", moved / step_s / bandwidth, "fraction", stat=stat,
+                                   source=f"{what} / median step time / calibrated {bandwidth:.3g} B/s"))
+        else:
+            rows.append(unmeasured("bw_util", "fraction", "unavailable: no calibrated memory bandwidth in this run",
+                                   stat=stat))
+    if cfg.is_looped:
+        if math.isfinite(llc_bytes) and llc_bytes > 0:
+            fits = core <= llc_bytes
+            verdict = ("fits: after the first loop the core can be served from cache, so core-once is the "
+                       "honest roofline" if fits else "does not fit: every loop re-reads the core from memory")
+            rows.append(metric_row("core_fits_llc", float(fits), "flag",
+                                   source=f"core weights {core / 1e6:.1f} MB vs {llc_name} {llc_bytes / 1e6:.1f} MB: "
+                                          f"{verdict}"))
+        else:
+            rows.append(unmeasured("core_fits_llc", "flag", "unavailable: last-level cache size unknown"))
+    return rows

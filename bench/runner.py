@@ -13,13 +13,15 @@ from typing import TextIO
 
 from loopscope.bench.context import RunContext
 from loopscope.bench.errors import ConfigError
-from loopscope.bench.executor import LocalExecutor
+from loopscope.bench.executors import make_executor
 from loopscope.bench.matrix import Cell, expand, resolved_settings
+from loopscope.bench.meters.calibration import CalibrationProbes
 from loopscope.bench.progress import Progress
 from loopscope.bench.store import RunStore
 from loopscope.profiles.loader import Profile, load_profile
 
 DEFAULT_RUNS_DIR = Path("runs")
+EXIT_CELLS_NOT_OK = 3  # the run finished, but some cells of the selection have a status other than ok
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class RunOptions:
     retry_failed: bool = False
     executor: str = "local"
     report: bool = True
+    allow_profile_change: bool = False
+    shard: str | None = None  # "i/n", "auto" or "auto/n" (bench/shard.py)
+    address: str | None = None  # the Ray cluster for --executor ray (None: start one on this machine)
 
 
 def select(cells: list[Cell], patterns: tuple[str, ...]) -> list[Cell]:
@@ -100,7 +105,7 @@ def default_profile_name() -> tuple[str, str]:
     return cls.name, cls.reason
 
 
-def _manifest(store: RunStore, profile: Profile, cells: list[Cell], ctx: RunContext, old: dict) -> dict:
+def _manifest(store: RunStore, profile: Profile, matrix: list[Cell], ctx: RunContext, old: dict) -> dict:
     from loopscope.bench.corpus import load_corpus
     from loopscope.bench.fingerprint import fingerprint
 
@@ -123,93 +128,158 @@ def _manifest(store: RunStore, profile: Profile, cells: list[Cell], ctx: RunCont
         "corpus": {"name": corpus.name, "train_bytes": int(len(corpus.train)),
                    "val_bytes": int(len(corpus.val)), "val_sha256": corpus.val_hash,
                    "description": corpus.description},
-        "cells": len(cells),
-        "cell_ids": [c.cell_id for c in cells],
+        # The whole matrix (also under --only): the tables hold exactly the finished cells of it.
+        "cells": len(matrix),
+        "cell_ids": [c.cell_id for c in matrix],
+        **{k: old[k] for k in ("calibration_first", "calibration_probes", "cell_conditions") if k in old},
     }
 
 
 def run(opts: RunOptions, out: TextIO = sys.stdout) -> int:
+    """Run (or resume) a sweep. Returns 0 when every selected cell is ok, EXIT_CELLS_NOT_OK otherwise;
+    unusable input raises a LoopscopeError (the CLI's exit 2)."""
     name, why = (opts.profile, "given") if opts.profile else default_profile_name()
     if not opts.profile:
         print(f"profile: {name} (detected device class: {why})", file=out)
     profile = load_profile(name)
-    cells = select(expand(profile), opts.only)
+    matrix = expand(profile)
+    cells = select(matrix, opts.only)
     if not cells:
         raise ConfigError(f"--only {' '.join(opts.only)!r} matches no cell of profile {profile.path}")
+    shard = None
+    if opts.shard:
+        from loopscope.bench.shard import parse_shard, shard_cells
+
+        shard = parse_shard(opts.shard)
+        cells = shard_cells(cells, shard)
+        print(f"shard {shard} ({shard.source}): {len(cells)} cells", file=out)
+        if not cells:
+            return 0
     if opts.dry_run:
         print(dry_run_table(cells), file=out)
         return 0
     _check_fits(profile, cells)
 
-    run_dir = opts.out or DEFAULT_RUNS_DIR / profile.name
+    run_dir = opts.out if opts.out is not None else DEFAULT_RUNS_DIR / (
+        f"{profile.name}-shard{shard.index}of{shard.count}" if shard else profile.name)
     store = RunStore(run_dir)
     store.create()
     with store.lock():
-        return _run_locked(store, profile, cells, opts, out)
+        return _run_locked(store, profile, matrix, cells, opts, out)
 
 
-def _run_locked(store: RunStore, profile: Profile, cells: list[Cell], opts: RunOptions, out: TextIO) -> int:
+def check_profile_change(store: RunStore, profile: Profile, old: dict, allow: bool) -> bool:
+    """True when the run directory was made with another profile (by hash), which is refused unless
+    `allow`: the tables then keep only the cells of the new matrix."""
+    if not old:
+        return False
+    old_profile = old.get("profile") if isinstance(old.get("profile"), dict) else {}
+    old_hash = str(old_profile.get("hash") or "unknown")
+    if old_hash == profile.raw_hash:
+        return False
+    if not allow:
+        raise ConfigError(
+            f"{store.run_dir}: was run with profile {old_profile.get('path', '?')} (hash {old_hash}), not "
+            f"{profile.path} (hash {profile.raw_hash}); resume with the same profile, choose another --out, or "
+            "pass --allow-profile-change to keep the cells both share and drop the others from the tables")
+    return True
+
+
+def check_corpus(profile: Profile, cells: list[Cell]) -> None:
+    """Refuse, before anything runs, a corpus whose splits cannot fill one window of a train or eval cell."""
+    from loopscope.bench.corpus import load_corpus
+
+    needy = [c for c in cells if c.workload in ("train", "eval")]
+    if not needy:
+        return
+    data = resolved_settings(profile)["data"]
+    corpus = load_corpus(data["corpus"], max_bytes=data["max_bytes"])
+    problems = []
+    for cell in needy:
+        split, have, key = (("training", len(corpus.train), "train.seq_len") if cell.workload == "train"
+                            else ("held-out", len(corpus.val), "eval.seq_len"))
+        if have < cell.seq_len + 2:  # one window plus its next-token target, at a random offset
+            problems.append(f"{profile.path}: {key} = {cell.seq_len} ({cell.label}) needs more than the "
+                            f"{have:,}-byte {split} split of corpus {data['corpus']!r}: give a larger corpus "
+                            f"(or data.max_bytes) or a shorter seq_len")
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
+
+
+def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: list[Cell], opts: RunOptions,
+                out: TextIO) -> int:
     from loopscope.profiles.detect import detect_device_class
 
-    records = store.read_cells()
+    old = store.read_manifest()
+    changed = check_profile_change(store, profile, old, opts.allow_profile_change)
+    matrix_ids = [c.cell_id for c in matrix]
+    records = store.read_cells(set(matrix_ids))
     done = {cid for cid, r in records.items() if r["status"] == "ok" or not opts.retry_failed}
     pending = [c for c in cells if c.cell_id not in done]
-    if not pending:
-        failed = sum(records[c.cell_id]["status"] != "ok" for c in cells)
+    statuses = {cid: r["status"] for cid, r in records.items()}
+
+    if pending or changed or not old:
+        check_corpus(profile, pending)
+        settings = resolved_settings(profile)["profile"]
+        device_class = old.get("fingerprint", {}).get("device_class") or detect_device_class().name
+        calibration = old.get("calibration") or (
+            _calibrate(settings, settings.get("device", "cpu"), out) if pending else {})
+        ctx = RunContext(run_dir=str(store.run_dir), device_class=device_class, calibration=calibration,
+                         trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]),
+                         numba_threading=str(settings["numba_threading"]))
+        manifest = _manifest(store, profile, matrix, ctx, old)
+        if opts.shard:
+            manifest["shard"] = {"spec": opts.shard, "cells": len(cells)}
+        store.write_manifest(manifest)
+        if changed:
+            print(f"profile changed ({old.get('profile', {}).get('hash')} -> {profile.raw_hash}): the tables keep "
+                  f"only cells of the new matrix", file=out)
+    if pending:
+        _run_cells(store, ctx, settings, pending, cells, statuses, old, opts, out)
+    else:
+        failed = sum(statuses.get(c.cell_id) != "ok" for c in cells)
         note = f" ({failed} failed; rerun them with --retry-failed)" if failed else ""
         print(f"nothing to do: all {len(cells)} cells in {store.run_dir} are done{note}", file=out)
-        return 0
 
-    settings = resolved_settings(profile)["profile"]
-    old = store.read_manifest()
-    device_class = old.get("fingerprint", {}).get("device_class") or detect_device_class().name
-    calibration = old.get("calibration") or _calibrate(settings, settings.get("device", "cpu"), out)
-    ctx = RunContext(run_dir=str(store.run_dir), device_class=device_class, calibration=calibration,
-                     trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]),
-                     numba_threading=str(settings["numba_threading"]))
-    store.write_manifest(_manifest(store, profile, cells, ctx, old))
-    print(f"running {len(pending)} of {len(cells)} cells into {store.run_dir}", file=out)
-
-    memory_limit = int(float(settings["memory_limit_gb"]) * 2**30)
-    executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit)
-    progress = Progress(len(pending))
-    statuses = {cid: r["status"] for cid, r in records.items()}
-    startups: list[float] = []
-    try:
-        for cell in pending:
-            progress.starting(cell.label)
-            if cell.depends_on and statuses.get(cell.depends_on) != "ok":
-                record = _skipped(store, executor, cell, statuses.get(cell.depends_on, "missing"))
-            else:
-                record = executor.run_cell(cell)
-            statuses[cell.cell_id] = record["status"]
-            if record.get("startup_s"):
-                startups.append(record["startup_s"])
-            progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
-            store.write_tables()
-    finally:
-        progress.close()
-    manifest = store.read_manifest()
-    if startups:
-        manifest["cell_fixed_cost_s"] = {"median_startup_s": statistics.median(startups),
-                                         "what": "worker process start-up and imports, before the workload"}
-    store.write_manifest(manifest)
-    store.write_tables()
-    if opts.report:
+    # A run killed after its last cell, or between a cell file and the tables, is completed here.
+    if pending or changed or store.tables_stale(matrix_ids):
+        store.write_tables(matrix_ids)
+    if opts.report and (pending or changed or store.report_stale(matrix_ids)):
         from loopscope.reports.report import write_report
 
         paths = write_report(store.run_dir)
         print(f"report: {paths['html']}", file=out)
     failed = [c for c in cells if statuses.get(c.cell_id) != "ok"]
-    print(f"done: {len(cells) - len(failed)} ok, {len(failed)} not ok, in {store.run_dir}", file=out)
-    return 0
+    if pending:
+        print(f"done: {len(cells) - len(failed)} ok, {len(failed)} not ok, in {store.run_dir}", file=out)
+    return EXIT_CELLS_NOT_OK if failed else 0
 
 
-def _skipped(store: RunStore, executor: LocalExecutor, cell: Cell, dep_status: str) -> dict:
-    record = executor.make_record(cell, "skipped", f"its train cell {cell.depends_on} is {dep_status}",
-                              {}, "", 0.0)
-    store.write_cell(record)
-    return record
+def _run_cells(store: RunStore, ctx: RunContext, settings: dict, pending: list[Cell], cells: list[Cell],
+               statuses: dict[str, str], old: dict, opts: RunOptions, out: TextIO) -> None:
+    print(f"running {len(pending)} of {len(cells)} cells into {store.run_dir}", file=out)
+    memory_limit = int(float(settings["memory_limit_gb"]) * 2**30)
+    executor = make_executor(opts.executor, store, ctx, memory_limit_bytes=memory_limit, address=opts.address)
+    progress = Progress(len(pending), estimates=[_estimate(c)[0] for c in pending])
+    probes = CalibrationProbes.resume(old, ctx.calibration, settings.get("device", "cpu"))
+    startups: list[float] = []
+
+    def on_done(cell: Cell, record: dict) -> None:
+        if record.get("startup_s"):
+            startups.append(record["startup_s"])
+        progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
+        probes.after_cell(cell.cell_id)  # load during the cell; a calibration probe every few minutes
+        store.write_tables()
+
+    try:
+        executor.run_all(pending, statuses, on_start=lambda cell: progress.starting(cell.label), on_done=on_done)
+    finally:
+        progress.close()
+    manifest = {**store.read_manifest(), **probes.manifest_entries()}
+    if startups:
+        manifest["cell_fixed_cost_s"] = {"median_startup_s": statistics.median(startups),
+                                         "what": "worker process start-up and imports, before the workload"}
+    store.write_manifest(manifest)
 
 
 def _calibrate(settings: dict, device: str, out: TextIO) -> dict:

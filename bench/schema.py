@@ -14,7 +14,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
     "run_id", "cell_id", "model", "family", "preset",
     "params_unique", "params_non_embedding", "effective_depth",
     "loops_train", "loops_test", "backend", "device", "device_class",
-    "workload", "batch", "seq_len", "dtype", "kv_policy", "lr",
+    "workload", "batch", "seq_len", "dtype", "kv_policy", "lr", "seed",
     "metric", "stat", "value", "unit", "ci_low", "ci_high", "n_samples",
     "source", "status", "reason",
 )
@@ -23,7 +23,7 @@ RESULT_COLUMNS: tuple[str, ...] = (
 SAMPLE_COLUMNS: tuple[str, ...] = ("run_id", "cell_id", "metric", "unit", "index", "value")
 
 # Cell statuses (DESIGN.md): a failing cell is a row with one of these, never a lost result.
-STATUSES: tuple[str, ...] = ("ok", "oom", "timeout", "diverged", "error", "skipped")
+STATUSES: tuple[str, ...] = ("ok", "oom", "timeout", "diverged", "error", "skipped", "unavailable")
 
 
 def metric_row(metric: str, value: float | None, unit: str, *, source: str = "measured",

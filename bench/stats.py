@@ -5,6 +5,7 @@ Pure functions of numpy arrays; every random draw takes an explicit seed so resu
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -86,3 +87,82 @@ def mann_whitney_p(base, cand) -> float:
     if a.size < 2 or b.size < 2:
         return float("nan")
     return float(_sps.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paired, process-level comparisons (A/B gate). The unit of replication is one process: each value below
+# is one process's summary (e.g. the median of its timed calls); samples inside a process are never pooled.
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    n_pairs: int
+    ratio: float  # geometric mean of cand/base over the pairs
+    ci_low: float  # t-interval of the mean log ratio, as a ratio
+    ci_high: float
+    p_value: float  # one-sample t-test of the log ratios against 0 (two-sided)
+    noise_floor: float  # smallest relative change the A/A spread lets this many pairs resolve; NaN: unknown
+    n_same: int  # same-code differences (A vs A', B vs B') the floor was estimated from
+
+
+def paired_change(base, cand, same_code_log_diffs, *, level: float = 0.99) -> PairedChange:
+    """cand/base from paired process-level values, with the A/A noise floor measured beside it.
+
+    `base[i]` and `cand[i]` were measured next to each other (one A/B pair of an ABBA block);
+    `same_code_log_diffs` are log(x'/x) of two processes running the same code in the same job. Under no
+    change, a pair's log ratio spreads like a same-code difference, so the floor is the half-width that
+    spread gives a CI of the mean with this many pairs: exp(t * rms / sqrt(n)) - 1.
+    """
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+    keep = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+    d = np.log(b[keep] / a[keep])
+    e = np.asarray(same_code_log_diffs, dtype=np.float64)
+    e = e[np.isfinite(e)]
+    n = int(d.size)
+    nan = float("nan")
+    if n == 0:
+        return PairedChange(0, nan, nan, nan, nan, nan, int(e.size))
+    mean = float(d.mean())
+    if n < 2:
+        return PairedChange(n, math.exp(mean), nan, nan, nan, nan, int(e.size))
+    t_crit = float(_sps.t.ppf(0.5 + level / 2.0, n - 1))
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    if se > 0:
+        p = float(2.0 * _sps.t.sf(abs(mean) / se, n - 1))
+    else:
+        p = 0.0 if mean != 0 else 1.0
+    floor = nan
+    if e.size >= 2:
+        rms = float(np.sqrt(np.mean(e * e)))  # about 0, not the sample mean: drift counts as noise
+        floor = math.expm1(t_crit * rms / math.sqrt(n))
+    return PairedChange(n, math.exp(mean), math.exp(mean - t_crit * se), math.exp(mean + t_crit * se), p,
+                        floor, int(e.size))
+
+
+def unpaired_change(base, cand, *, level: float = 0.99) -> PairedChange:
+    """cand/base from independent process-level values (stored runs, one value per run and side).
+
+    Welch's t-interval on the difference of mean log values; the floor is the half-width the pooled
+    same-code spread (each side's spread about its own mean) gives with these counts. Fewer than two
+    values on a side: no interval and an unknown floor.
+    """
+    a, b = np.asarray(base, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+    la, lb = np.log(a[np.isfinite(a) & (a > 0)]), np.log(b[np.isfinite(b) & (b > 0)])
+    nan = float("nan")
+    n = int(min(la.size, lb.size))
+    if la.size == 0 or lb.size == 0:
+        return PairedChange(n, nan, nan, nan, nan, nan, 0)
+    diff = float(lb.mean() - la.mean())
+    if la.size < 2 or lb.size < 2:
+        return PairedChange(n, math.exp(diff), nan, nan, nan, nan, 0)
+    va, vb = la.var(ddof=1) / la.size, lb.var(ddof=1) / lb.size
+    se = math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / ((va**2 / (la.size - 1)) + (vb**2 / (lb.size - 1))) if se > 0 else la.size + lb.size - 2
+    t_crit = float(_sps.t.ppf(0.5 + level / 2.0, dof))
+    p = float(2.0 * _sps.t.sf(abs(diff) / se, dof)) if se > 0 else (0.0 if diff else 1.0)
+    pooled = math.sqrt(((la.size - 1) * la.var(ddof=1) + (lb.size - 1) * lb.var(ddof=1))
+                       / (la.size + lb.size - 2))
+    t_pool = float(_sps.t.ppf(0.5 + level / 2.0, la.size + lb.size - 2))
+    floor = math.expm1(t_pool * pooled * math.sqrt(1.0 / la.size + 1.0 / lb.size))
+    return PairedChange(n, math.exp(diff), math.exp(diff - t_crit * se), math.exp(diff + t_crit * se), p, floor,
+                        int(la.size + lb.size - 2))

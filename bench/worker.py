@@ -21,6 +21,10 @@ from pathlib import Path  # noqa: E402
 def _status_of(err: BaseException) -> str:
     import torch
 
+    from loopscope.bench.backends import BackendUnavailable
+
+    if isinstance(err, BackendUnavailable):
+        return "unavailable"
     if isinstance(err, MemoryError | torch.OutOfMemoryError):
         return "oom"
     if isinstance(err, RuntimeError) and "out of memory" in str(err).lower():
@@ -41,12 +45,15 @@ def apply_numba_threading(layer: str) -> None:
 
 
 def main(job_dir: str) -> int:
+    from loopscope.bench.worker_guard import watch_parent
+
+    watch_parent()
     job = Path(job_dir)
     apply_numba_threading(json.loads((job / "context.json").read_text()).get("numba_threading", ""))
     from loopscope.bench.context import RunContext
     from loopscope.bench.matrix import Cell
     from loopscope.bench.store import atomic_write_text, dumps
-    from loopscope.bench.workloads import Diverged, WorkloadResult, run_workload
+    from loopscope.bench.workloads import Diverged, WorkloadResult, run_workload, stamp_engine
 
     cell = Cell.from_dict(json.loads((job / "cell.json").read_text()))
     ctx = RunContext(**json.loads((job / "context.json").read_text()))
@@ -63,6 +70,7 @@ def main(job_dir: str) -> int:
         result = run_workload(cell, ctx)
     except Diverged as err:
         result = err.result
+        stamp_engine(result)
     except BaseException as err:  # noqa: BLE001 - every failure becomes a row, never a lost cell
         result = WorkloadResult(status=_status_of(err), reason=f"{type(err).__name__}: {err}"[:500])
         tb = traceback.format_exc()

@@ -310,6 +310,8 @@ class NumbaEngine:
         if loops is not None and loops < 1:
             raise ValueError(f"loops={loops} must be >= 1")
         family = self.config.family
+        if exit is not None and exit.kind not in ("state", "kl"):
+            raise NotImplementedError(f"NumbaEngine: exit kind {exit.kind!r} is not implemented (only 'state', 'kl')")
         if exit is not None and family in ("gpt", "ut"):
             if family == "ut":
                 raise ValueError("ut: adaptive exit is ACT halting; pass exit=None (act_eps sets the threshold)")
@@ -351,39 +353,65 @@ class NumbaEngine:
             self.memory.copy(ws.e, ws.x)
 
     def _looped(self, call: _Call, loops: int, exit: Any, h0: np.ndarray | None, stats: dict | None) -> np.ndarray:
-        """parcae / rdm / looped: prelude, the loop-invariant part of the injection, then the loops."""
-        k, ws, ex, cfg = self.kernels, call.ws, self.weights.extras, self.config
+        """parcae / rdm / looped (models/recurrence.LoopedLM): prelude, the loop-invariant part of the
+        injection, then the loops; the family's own math is in the four methods below."""
+        ws = call.ws
         self._prelude(call)
         t0 = self.timers.start()
-        if cfg.family == "parcae":  # drive = dt * (e @ B.T), computed once (e is the same every loop)
-            self._matmul(ws.e, ex["B"], ws.drive)
-            k.scale_columns_rows(ws.drive, ex["dt"])
-        elif "adapter_e" in ex:  # rdm concat: W [h; e] = h @ W_h.T + (e @ W_e.T, computed once)
-            self._matmul(ws.e, ex["adapter_e"], ws.drive)
+        self._injection_setup(ws)
         self._initial_state(ws, h0)
         self.timers.stop("injection", t0)
 
         def step(h: np.ndarray, out: np.ndarray, loop: int) -> None:
             t1 = self.timers.start()
-            if cfg.family == "parcae":
-                k.diagonal_injection_rows(h, ws.drive, ex["decay"], out)
-            elif "adapter_e" in ex:
-                self.memory.copy(out, ws.drive)
-                self._matmul(h, ex["adapter_h"], out, accumulate=True)
-            elif cfg.injection == "add":
-                k.add_rows(h, ws.e, out)
-            else:
-                self.memory.copy(out, h)
+            self._inject(h, out, ws)
             self.timers.stop("injection", t1)
             self._stage("core", out, call, loop=loop)
 
         h = self._run_loops(step, call, loops, exit, stats)
         if stats is not None:
-            if cfg.family == "parcae":
-                stats["spectral_radius"] = float(ex["decay"].max())
-            if "adapter_spectral_norm" in ex:
-                stats["adapter_spectral_norm"] = ex["adapter_spectral_norm"]
+            self._loop_stats(stats)
         return h
+
+    # the family's own math (models/parcae.py, rdm.py, looped.py: make_injection, read_state, loop_stats)
+    def _injection_setup(self, ws: Workspace) -> None:
+        """What the injection computes once per forward (e is the same every loop)."""
+        ex, family = self.weights.extras, self.config.family
+        if family == "parcae":  # drive = dt * (e @ B.T)
+            self._matmul(ws.e, ex["B"], ws.drive)
+            self.kernels.scale_columns_rows(ws.drive, ex["dt"])
+        elif "adapter_e" in ex:  # rdm concat: W [h; e] = h @ W_h.T + (e @ W_e.T, computed once)
+            self._matmul(ws.e, ex["adapter_e"], ws.drive)
+
+    def _inject(self, h: np.ndarray, out: np.ndarray, ws: Workspace) -> None:
+        """The core's input on one loop."""
+        ex, family = self.weights.extras, self.config.family
+        if family == "parcae":
+            self.kernels.diagonal_injection_rows(h, ws.drive, ex["decay"], out)
+        elif "adapter_e" in ex:
+            self.memory.copy(out, ws.drive)
+            self._matmul(h, ex["adapter_h"], out, accumulate=True)
+        elif self.config.injection == "add":
+            self.kernels.add_rows(h, ws.e, out)
+        else:
+            self.memory.copy(out, h)
+
+    def _read_state(self, h: np.ndarray, ws: Workspace) -> None:
+        """The coda's input from the final state (parcae: C @ h | rdm: ln_f(h) | looped: h) into ws.head_x."""
+        family = self.config.family
+        if family == "parcae":
+            self._matmul(h, self.weights.extras["readout"], ws.head_x)
+        elif family == "rdm":  # Huginn reuses ln_f on the state before the coda
+            self.kernels.rmsnorm_rows(h, self.weights.ln_f, self.eps, ws.head_x)
+        else:
+            self.memory.copy(ws.head_x, h)
+
+    def _loop_stats(self, stats: dict) -> None:
+        ex = self.weights.extras
+        if self.config.family == "parcae":
+            stats["spectral_radius"] = float(ex["decay"].max())
+        if "adapter_spectral_norm" in ex:
+            stats["adapter_spectral_norm"] = ex["adapter_spectral_norm"]
 
     def _ut(self, call: _Call, loops: int | None, h0: np.ndarray | None, stats: dict | None) -> np.ndarray:
         """Universal Transformer with ACT (models/ut.py): the output is the halting-weighted sum of states."""
@@ -487,14 +515,9 @@ class NumbaEngine:
 
     def _readout(self, h: np.ndarray, call: _Call) -> np.ndarray:
         """Looped families after the loops: (parcae: C @ h | rdm: ln_f(h) | looped: h) -> coda -> ln_f -> head."""
-        ws, family = call.ws, self.config.family
+        ws = call.ws
         t0 = self.timers.start()
-        if family == "parcae":
-            self._matmul(h, self.weights.extras["readout"], ws.head_x)
-        elif family == "rdm":  # Huginn reuses ln_f on the state before the coda
-            self.kernels.rmsnorm_rows(h, self.weights.ln_f, self.eps, ws.head_x)
-        else:
-            self.memory.copy(ws.head_x, h)
+        self._read_state(h, ws)
         self.timers.stop("readout", t0)
         self._stage("coda", ws.head_x, call)
         return self._logits(ws.head_x, call)

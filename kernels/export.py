@@ -81,6 +81,8 @@ def _layer(state: dict[str, Any], prefix: str, layer_id: int, cfg: Any) -> Layer
     sandwich = bool(cfg.sandwich_norm)
     ve_gate = get("attn.ve_gate.weight") if f"{prefix}.attn.ve_gate.weight" in state else None
     ve_table = None
+    if ve_gate is not None and f"value_embeds.tables.{layer_id}.weight" not in state:
+        ve_gate = None  # a gate without a table (Parcae's official rule allows it) never acts
     if ve_gate is not None:
         ve_table = _array(state, f"value_embeds.tables.{layer_id}.weight")
     return LayerWeights(
@@ -137,13 +139,36 @@ def _parcae_extras(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# block switches of models/config.py the engine's kernels do not implement: field -> its default
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "embed_scale": 1.0, "logit_scale": 1.0, "logit_softcap": None, "positional": "rope", "rope_condense": 1.0,
+    "qk_norm": True, "qk_bias": False, "clip_qkv": None, "norm": "rmsnorm", "linear_bias": False,
+    "state_std": None,
+}
+ENGINE_MLPS: tuple[str, ...] = ("relu2", "swiglu")
+
+
+def engine_refusal(cfg: Any) -> str | None:
+    """Why the numba engine cannot run this config (one line), or None."""
+    if cfg.family not in STAGES_BY_FAMILY:
+        return (f"family {cfg.family!r} is not supported by the numba engine yet "
+                f"(supported: {', '.join(STAGES_BY_FAMILY)})")
+    if cfg.state_init == "scaled-normal":
+        return "state_init='scaled-normal' is not implemented by the numba engine"
+    if cfg.mlp not in ENGINE_MLPS:
+        return f"mlp={cfg.mlp!r} is not implemented by the numba engine (it runs {', '.join(ENGINE_MLPS)})"
+    for key, default in ENGINE_DEFAULTS.items():
+        if getattr(cfg, key) != default:
+            return f"{key}={getattr(cfg, key)!r} is not implemented by the numba engine (it runs {key}={default!r})"
+    return None
+
+
 def export_model(model: Any) -> ModelWeights:
     """The engine's weights for a loopscope model (any device or dtype; exported as float32 on CPU)."""
     cfg = model.config
-    if cfg.family not in STAGES_BY_FAMILY:
-        raise NotImplementedError(
-            f"export: family {cfg.family!r} is not supported by the numba engine yet "
-            f"(supported: {', '.join(STAGES_BY_FAMILY)})")
+    refusal = engine_refusal(cfg)
+    if refusal is not None:
+        raise NotImplementedError(f"export: {refusal}")
     state = model.state_dict()
     wte = _array(state, "wte.weight")
     stages: dict[str, tuple[LayerWeights, ...]] = {}

@@ -148,6 +148,15 @@ def _speed(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed (numba's built-in CUDA target)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
@@ -161,16 +170,29 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - recorded, not hidden
         available, record["cuda_error"] = False, repr(err)
     record["cuda_available"] = bool(available)
+    if not available:
+        record["status"] = "unavailable"
+        record["reason"] = record.get("cuda_error", "numba.cuda.is_available() is False")
     if available:
         import numba
         import torch
 
         name = cuda.get_current_device().name
         record["device"] = name.decode() if isinstance(name, bytes) else str(name)
-        record["versions"] = {"numba": numba.__version__, "torch": torch.__version__,
-                              "numba_cuda": getattr(cuda, "implementation", "?")}
-        record["correctness"] = _correctness()
-        record["speed"] = _speed(args.quick)
+        record["versions"] = {"numba": numba.__version__, "torch": torch.__version__, "numpy": np.__version__,
+                              "numba_cuda": _package_version("numba-cuda"),
+                              "implementation": getattr(cuda, "implementation", "?")}
+        try:  # the loopscope cell's own probe: one token through the engine compiles every kernel it uses
+            from loopscope.bench.engines import NumbaCudaBackend
+            from loopscope.models import build
+
+            NumbaCudaBackend().build_engine(build("gpt-micro", seed=0).eval())
+        except Exception as err:  # noqa: BLE001 - the reason a numba-cuda cell would give
+            record["status"], record["reason"] = "unavailable", f"{type(err).__name__}: {err}"[:2000]
+        else:
+            record["status"] = "ok"
+            record["correctness"] = _correctness()
+            record["speed"] = _speed(args.quick)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2, default=str))
     print(json.dumps({k: v for k, v in record.items() if k != "speed"}, indent=2, default=str)[:4000])
@@ -178,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         print(row)
     if not available:
         return 2
+    if record["status"] != "ok":
+        return 1
     return 0 if record["correctness"]["returncode"] == 0 else 1
 
 

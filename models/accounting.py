@@ -8,14 +8,24 @@ torch.utils.flop_counter does, following Parcae's cost script:
 
 N excludes embedding lookups (token and value-embedding tables; they are gathers, not matmuls) and
 includes the tied unembedding. Attention per layer application and token is 4 d S forward (QK^T and AV
-over the full S x S matrix, as FlopCounterMode counts SDPA) and 8 d S backward.
+over the full S x S matrix, no causal halving) and 8 d S backward.
+
+These are *model* FLOPs as PaLM defines them (the work the model needs, without recomputation), and MFU
+is computed from them. torch's FlopCounterMode agrees only under some SDPA backends, so a measured count
+must say which one ran:
+- the math backend: SDPA decomposes into bmm, counted 4 d S forward and 8 d S backward: equal;
+- the default CPU backend (`_scaled_dot_product_flash_attention_for_cpu`): FlopCounterMode has no
+  formula for it and counts attention as 0, unless one is registered (tests/test_models_accounting.py
+  registers 4 d S / 8 d S through `custom_mapping` and gets exactly these numbers);
+- CUDA's flash and memory-efficient backends: 4 d S forward but 10 d S backward, because their backward
+  recomputes QK^T; that recompute is hardware FLOPs, not model FLOPs, and MFU leaves it out.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from .blocks import VE_GATE_CHANNELS, value_embed_layers
+from .blocks import VE_GATE_CHANNELS, value_embed_layers, ve_gate_layers
 from .config import ModelConfig
 
 KV_ACCOUNTING_POLICIES: tuple[str, ...] = ("per-loop", "last-loop")
@@ -38,8 +48,25 @@ def _block_mm(cfg: ModelConfig, layer: int) -> int:
     assert cfg.d_ff is not None
     d = cfg.d_model
     mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
-    gate = min(VE_GATE_CHANNELS, d) * cfg.n_heads if layer in value_embed_layers(cfg) else 0
+    used = layer in ve_gate_layers(cfg) and layer in value_embed_layers(cfg)  # a gate multiplies with a table
+    gate = min(VE_GATE_CHANNELS, d) * cfg.n_heads if used else 0
     return 4 * d * d + mlp + gate
+
+
+def _block_extras(cfg: ModelConfig) -> int:
+    """Per-block parameters that are not matmuls: LayerNorm biases, linear biases, Huginn's q/k bias."""
+    assert cfg.d_ff is not None
+    d, n_norms = cfg.d_model, (4 if cfg.sandwich_norm else 2)
+    extras = n_norms * d if cfg.norm == "layernorm" else 0
+    if cfg.linear_bias:
+        extras += 4 * d + (2 if cfg.mlp == "swiglu" else 1) * cfg.d_ff + d
+    return extras + (2 * d if cfg.qk_bias else 0)
+
+
+def _idle_gates(cfg: ModelConfig) -> int:
+    """Value-embedding gates stored on layers without a table (the official Parcae rule allows it): never run."""
+    idle = set(ve_gate_layers(cfg)) - set(value_embed_layers(cfg))
+    return len(idle) * min(VE_GATE_CHANNELS, cfg.d_model) * cfg.n_heads
 
 
 def _parts(cfg: ModelConfig) -> _Parts:
@@ -48,11 +75,13 @@ def _parts(cfg: ModelConfig) -> _Parts:
     head = V * d  # tied unembedding: stored in the embedding table, multiplied once per token
     if cfg.family == "gpt":
         blocks = sum(_block_mm(cfg, i) for i in range(cfg.n_layers))
-        return _Parts(blocks + head, 0, cfg.n_layers * norms_per_block + d)
+        other = cfg.n_layers * (norms_per_block + _block_extras(cfg)) + d * (2 if cfg.norm == "layernorm" else 1)
+        return _Parts(blocks + head, 0, other + _idle_gates(cfg))
     P, R, C = cfg.n_prelude, cfg.n_core, cfg.n_coda
     outer = sum(_block_mm(cfg, i) for i in (*range(P), *range(P + R, P + R + C)))
     core = sum(_block_mm(cfg, i) for i in range(P, P + R))
-    other = (P + R + C) * norms_per_block + d + (d if cfg.prelude_norm else 0)
+    other = (P + R + C) * (norms_per_block + _block_extras(cfg)) + d + (d if cfg.prelude_norm else 0)
+    other += _idle_gates(cfg) + (d if cfg.norm == "layernorm" else 0) * (2 if cfg.prelude_norm else 1)  # biases
     if cfg.family == "parcae":  # B (drive, once per forward) and C (readout) are d x d; A_log, dt_bias
         return _Parts(outer + head + 2 * d * d, core, other + 2 * d)
     if cfg.family == "rdm":  # concat adapter Linear(2d -> d) runs on every loop

@@ -12,6 +12,7 @@ Buffers are allocated on first write with the writer's device and dtype, `max_le
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 KV_POLICIES: tuple[str, ...] = ("per-loop", "last-loop")
 
@@ -57,6 +58,18 @@ class KVCache:
         self._filled[key] = max(self._filled[key], end)
         return self._k[key][:, :, :end], self._v[key][:, :, :end]
 
+    def attend(self, key: CacheKey, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this application's k, v and attend q ([B, H, T, hd]) over every cached position."""
+        start, T = self.pos, q.shape[2]
+        k, v = self.write(key, k, v)
+        if T == 1:
+            return F.scaled_dot_product_attention(q, k, v)
+        if start == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        # a chunk after a prefix: query i sees keys up to start+i (SDPA's is_causal is top-left)
+        mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     def _fill_gap(self, key: CacheKey, start: int) -> None:
         """Past tokens that exited early never ran this loop: reuse their latest loop's entry
         (Huginn's "latest" lookup). Loop 0 always runs, so a source always exists."""
@@ -97,6 +110,77 @@ class KVCache:
         return f"KVCache(policy={self.policy!r}, pos={self.pos}, entries={self.n_entries}, max_len={self.max_len})"
 
 
-def kv_slot(cache: KVCache | None, stage: str, layer: int, loop: int = 0) -> tuple[KVCache, CacheKey] | None:
+class StaticKVCache:
+    """A KV cache whose buffers never change shape or address, for a compiled (graph-captured) decode step.
+
+    The position is a 0-d int64 tensor on the model's device, advanced in place, so one compiled graph
+    serves every step; attention always reads all `max_len` positions under a mask (gpt-fast's layout).
+    Buffers are allocated on first write, so one eager forward allocates every entry a family uses before
+    anything is compiled. There is no early exit here: the loop count is fixed, so no entry has gaps.
+    """
+
+    def __init__(self, max_len: int, policy: str = "per-loop", device: str | torch.device = "cpu") -> None:
+        if policy not in KV_POLICIES:
+            raise ValueError(f"StaticKVCache: policy={policy!r} is not one of {KV_POLICIES}")
+        if max_len < 1:
+            raise ValueError(f"StaticKVCache: max_len={max_len} must be >= 1")
+        self.max_len = max_len
+        self.policy = policy
+        self.pos = torch.zeros((), dtype=torch.int64, device=device)
+        self._positions = torch.arange(max_len, device=device)
+        self._k: dict[CacheKey, torch.Tensor] = {}
+        self._v: dict[CacheKey, torch.Tensor] = {}
+        _mark_static(self.pos)
+        _mark_static(self._positions)
+
+    key = KVCache.key
+
+    def _buffers(self, key: CacheKey, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if key not in self._k:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self._k[key], self._v[key] = k.new_zeros(shape), v.new_zeros(shape)
+            _mark_static(self._k[key])
+            _mark_static(self._v[key])
+        return self._k[key], self._v[key]
+
+    def attend(self, key: CacheKey, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_all, v_all = self._buffers(key, k, v)
+        where = self.pos + self._positions[: k.shape[2]]
+        k_all.index_copy_(2, where, k)
+        v_all.index_copy_(2, where, v)
+        mask = self._positions[None, :] <= where[:, None]  # [T, max_len]: query i sees keys up to pos + i
+        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+
+    def advance(self, n_tokens: int) -> None:
+        self.pos.add_(n_tokens)
+
+    def reset(self) -> None:
+        """Back to position 0; the buffers stay (stale positions are masked until rewritten)."""
+        self.pos.zero_()
+
+    @property
+    def n_entries(self) -> int:
+        return len(self._k)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))
+
+    def used_bytes(self) -> int:
+        pos = int(self.pos)
+        return sum(pos * t[:, :, :1].numel() * t.element_size() for t in (*self._k.values(), *self._v.values()))
+
+    def __repr__(self) -> str:
+        return (f"StaticKVCache(policy={self.policy!r}, pos={int(self.pos)}, entries={self.n_entries}, "
+                f"max_len={self.max_len})")
+
+
+def _mark_static(t: torch.Tensor) -> None:
+    """Tell torch.compile the tensor keeps its address, so CUDA graphs may read and write it in place."""
+    if not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(t)
+
+
+def kv_slot(cache: KVCache | StaticKVCache | None, stage: str, layer: int,
+            loop: int = 0) -> tuple[KVCache | StaticKVCache, CacheKey] | None:
     """What a block's attention gets: None without a cache, else the cache and this application's key."""
     return None if cache is None else (cache, cache.key(stage, layer, loop))

@@ -14,7 +14,10 @@ from typing import Any
 
 FAMILIES: tuple[str, ...] = ("gpt", "parcae", "rdm", "looped", "ut")
 LOOPED_FAMILIES: tuple[str, ...] = ("parcae", "rdm", "looped", "ut")
-MLP_KINDS: tuple[str, ...] = ("relu2", "swiglu")
+MLP_KINDS: tuple[str, ...] = ("relu2", "swiglu", "gelu", "gelu-tanh")
+NORM_KINDS: tuple[str, ...] = ("rmsnorm", "layernorm")
+POSITIONALS: tuple[str, ...] = ("rope", "none")
+INIT_KINDS: tuple[str, ...] = ("scaled-zero", "takase", "gpt2")
 INJECTIONS: dict[str, tuple[str, ...]] = {
     "parcae": ("diagonal",),
     "rdm": ("concat", "add", "none"),
@@ -23,7 +26,14 @@ INJECTIONS: dict[str, tuple[str, ...]] = {
 }
 LOOP_SAMPLERS: tuple[str, ...] = ("poisson", "lognormal-poisson", "fixed")
 LOOP_SCOPES: tuple[str, ...] = ("sequence", "batch")
-STATE_INITS: tuple[str, ...] = ("like-init", "zero", "embed")
+# like-init: trunc-normal(std sqrt(2/(5d))) times embed_scale; zero; embed: h0 = e;
+# scaled-normal: N(0, 1/d) (what the official Parcae code calls state_init = "embed")
+STATE_INITS: tuple[str, ...] = ("like-init", "zero", "embed", "scaled-normal")
+# Fields added after cell ids were fixed: `to_dict` writes them only when they differ from their default,
+# so the config (and the cell id) of every model that does not use them stays what it was.
+SPARSE_FIELDS: tuple[str, ...] = ("embed_scale", "logit_scale", "logit_softcap", "positional", "rope_condense",
+                                  "qk_norm", "qk_bias", "clip_qkv", "norm", "linear_bias", "init",
+                                  "loops_min", "loops_max", "state_std")
 
 # Family defaults that differ from the dataclass defaults (the research notes' knob matrix).
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,6 +75,17 @@ class ModelConfig:
     d_ff: int | None = None         # default 4*d_model
     mlp: str = "relu2"              # "relu2" (0.5*relu(x)^2) | "swiglu"
     rope_theta: float = 50_000.0
+    rope_condense: float = 1.0      # positions divided by this before RoPE (official rope_condense_ratio)
+    positional: str = "rope"        # "rope" | "none" (NoPE, the Ohio State default)
+    embed_scale: float = 1.0        # token embedding (and like-init h0) times this; sqrt(d) in Huginn/Takase
+    logit_scale: float = 1.0        # logits times this (official init_strategy "takase-scaled" etc.)
+    logit_softcap: float | None = None  # logits = c * tanh(logits / c)
+    qk_norm: bool = True            # parameter-free RMSNorm on q and k after RoPE (nanochat, Parcae)
+    qk_bias: bool = False           # learned per-head q/k bias added before RoPE (Huginn)
+    clip_qkv: float | None = None   # clamp q, k, v to [-c, c] (official clip_qkv)
+    norm: str = "rmsnorm"           # "rmsnorm" | "layernorm" (GPT-2: LayerNorm with bias)
+    linear_bias: bool = False       # biases on every block linear (GPT-2)
+    init: str = "scaled-zero"       # "scaled-zero" (Parcae) | "takase" (Huginn) | "gpt2" (Ohio State)
     value_embeds: bool = False      # nanochat value embeddings on alternating layers
     max_seq_len: int = 256
     norm_eps: float = 1e-5
@@ -75,7 +96,10 @@ class ModelConfig:
     loop_sampler: str | None = None  # "poisson" | "lognormal-poisson" | "fixed"
     loop_scope: str | None = None   # train loop counts drawn per "sequence" (Parcae) or per "batch" (Huginn)
     lognormal_sigma: float = 0.5    # rdm (Huginn) log-normal Poisson sampler
+    loops_min: int = 1              # "poisson" draws are clipped to [loops_min, loops_max]
+    loops_max: int | None = None    # (Ohio State: Poisson(4) clipped to [2, 8])
     state_init: str | None = None   # "like-init" (fresh trunc-normal h0 every forward) | "zero" | "embed" (h0 = e)
+    state_std: float | None = None  # like-init std before embed_scale (default sqrt(2/(5d)); official init tables)
     prelude_norm: bool | None = None  # RMSNorm on the prelude output before injection (parcae)
     sandwich_norm: bool | None = None  # Huginn sandwich norms: x = n2(x + attn(n1 x)); x = n4(x + mlp(n3 x))
     # --- ut (Universal Transformer + ACT) ---
@@ -111,8 +135,15 @@ class ModelConfig:
             raise bad("d_model", f"must be a positive multiple of n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
             raise bad("n_heads", "must give an even head dim (RoPE rotates channel pairs)")
-        if self.mlp not in MLP_KINDS:
-            raise bad("mlp", f"must be one of {MLP_KINDS}")
+        for key, kinds in (("mlp", MLP_KINDS), ("norm", NORM_KINDS), ("positional", POSITIONALS),
+                           ("init", INIT_KINDS)):
+            if getattr(self, key) not in kinds:
+                raise bad(key, f"must be one of {kinds}")
+        if not (self.embed_scale > 0 and self.logit_scale > 0 and self.rope_condense > 0):
+            raise bad("embed_scale", "embed_scale, logit_scale and rope_condense must be > 0")
+        for key in ("logit_softcap", "clip_qkv"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise bad(key, "must be > 0 (or unset)")
         if self.vocab_size <= 0 or self.max_seq_len <= 0:
             raise bad("vocab_size", "and max_seq_len must be positive")
         if self.family == "gpt":
@@ -135,6 +166,8 @@ class ModelConfig:
             raise bad("loop_sampler", f"must be one of {LOOP_SAMPLERS}")
         if self.loop_scope not in LOOP_SCOPES:
             raise bad("loop_scope", f"must be one of {LOOP_SCOPES}")
+        if self.loops_min < 1 or (self.loops_max is not None and self.loops_max < self.loops_min):
+            raise bad("loops_min", f"must be >= 1 and <= loops_max={self.loops_max}")
         if self.state_init not in STATE_INITS:
             raise bad("state_init", f"must be one of {STATE_INITS}")
         if self.family == "ut" and (self.act_max_steps is None or self.act_max_steps < 1):
@@ -167,7 +200,9 @@ class ModelConfig:
 
     # --- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in SPARSE_FIELDS or v != defaults[k]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

@@ -74,7 +74,7 @@ def decode_deviation(model: nn.Module, idx: torch.Tensor, *, loops: int | None =
     B, T = idx.shape
     kwargs: dict = {"loops": loops}
     h0 = None
-    if cfg.is_looped and cfg.state_init == "like-init":  # one fixed draw shared by both paths
+    if cfg.is_looped and cfg.state_init in ("like-init", "scaled-normal"):  # one fixed draw shared by both paths
         shape_ref = torch.zeros(B, T, cfg.d_model, device=idx.device,
                                 dtype=next(model.parameters()).dtype)
         gen = torch.Generator(device=idx.device).manual_seed(seed)

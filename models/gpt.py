@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .blocks import RMSNorm, ValueEmbeddings, make_stack, next_token_loss, rope_tables, value_embed_layers
+from .blocks import (
+    ValueEmbeddings,
+    embed_tokens,
+    lm_logits,
+    make_norm,
+    make_stack,
+    next_token_loss,
+    positions,
+    value_embed_layers,
+)
 from .cache import KVCache, kv_slot
 from .config import ModelConfig
 from .recurrence import ExitRule
@@ -22,7 +30,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.value_embeds = ValueEmbeddings(config, value_embed_layers(config))
         self.blocks = make_stack(config, range(config.n_layers), config.n_layers)
-        self.ln_f = RMSNorm(config.d_model, config.norm_eps)
+        self.ln_f = make_norm(config)
 
     def reseed(self, seed: int) -> None:
         """Nothing random in the forward pass; kept so every family has the same interface."""
@@ -33,15 +41,15 @@ class GPT(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         with region("embed"):
-            rope = rope_tables(start, T, self.config.head_dim, self.config.rope_theta, idx.device)
+            rope = positions(self.config, start, T, idx.device)
             ves = self.value_embeds.lookup(idx)
-            x = self.wte(idx)
+            x = embed_tokens(self.config, self.wte, idx)
         with region("blocks"):
             for i, block in enumerate(self.blocks):
                 with region(block_label(i)):
                     x = block(x, rope, ves.get(i), kv_slot(cache, "dense", i))
         with region("head"):
-            logits = F.linear(self.ln_f(x), self.wte.weight)
+            logits = lm_logits(self.config, self.ln_f(x), self.wte.weight)
         if cache is not None:
             cache.advance(T)
         if stats is not None:

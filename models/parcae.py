@@ -7,22 +7,21 @@
 
 A_bar lies in (0, 1) by construction, so the linear part is stable: rho(A_bar) = max A_bar < 1.
 Training draws T = max(1, Poisson(mu_rec)) per sequence and backpropagates through the last min(T, mu_bwd)
-loops only; evaluation runs a fixed T (mu_rec unless `loops` is given).
+loops only; evaluation runs a fixed T (mu_rec unless `loops` is given). The loop itself is
+`recurrence.LoopedLM`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .blocks import RMSNorm, ValueEmbeddings, make_stack, next_token_loss, rope_tables, value_embed_layers
-from .cache import KVCache, kv_slot
 from .config import ModelConfig
-from .recurrence import ExitRule, LoopRNG, initial_state, plan_loops, run_loops
-from .regions import core_label, region
+from .recurrence import LoopedLM
 
 DT_INIT = 0.5 * math.log(5.0)  # softplus(dt_bias) = -ln(sqrt(1/5)) ~ 0.8047, so A_bar = sqrt(1/5) at init
 
@@ -51,76 +50,23 @@ class DiagonalInjection(nn.Module):
         self.B.copy_(torch.eye(self.B.shape[0], dtype=self.B.dtype, device=self.B.device))
 
 
-class Parcae(nn.Module):
+class Parcae(LoopedLM):
+    has_readout = True
+
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
-        super().__init__()
-        if config.family != "parcae":
-            raise ValueError(f"Parcae: config.family={config.family!r}, expected 'parcae'")
-        self.config = config
-        P, R, n = config.n_prelude, config.n_core, config.n_physical_layers
-        d = config.d_model
-        self.wte = nn.Embedding(config.vocab_size, d)
-        self.value_embeds = ValueEmbeddings(config, value_embed_layers(config))
-        self.prelude = make_stack(config, range(0, P), n)
-        self.ln_prelude = RMSNorm(d, config.norm_eps) if config.prelude_norm else nn.Identity()
-        self.injection = DiagonalInjection(d)
-        self.core = make_stack(config, range(P, P + R), n)
-        self.readout = nn.Linear(d, d, bias=False)  # C
-        self.coda = make_stack(config, range(P + R, n), n)
-        self.ln_f = RMSNorm(d, config.norm_eps)
-        self.rng = LoopRNG(seed)
+        super().__init__(config, seed, "parcae")
+        self._build_prelude()
+        self.injection = DiagonalInjection(config.d_model)
+        self._build_core()
+        self.readout = nn.Linear(config.d_model, config.d_model, bias=False)  # C
+        self._build_coda()
 
-    def reseed(self, seed: int) -> None:
-        self.rng.reseed(seed)
+    def make_injection(self, e: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        decay, drive = self.injection.decay(), self.injection.drive(e)
+        return lambda h: decay * h + drive
 
-    def forward(self, idx: torch.Tensor, *, loops: int | None = None, cache: KVCache | None = None,
-                stats: dict | None = None, exit: ExitRule | None = None,
-                h0: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, V]. `loops`: exact loop count (else sampled in training, mu_rec in eval);
-        `exit`: adaptive exit (loops, or mu_rec, is then the maximum); `h0`: a fixed initial state."""
-        cfg, (B, T) = self.config, idx.shape
-        P, R = cfg.n_prelude, cfg.n_core
-        start = cache.pos if cache is not None else 0
-        with region("embed"):
-            rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
-            ves = self.value_embeds.lookup(idx)
-            x = self.wte(idx)
+    def read_state(self, h: torch.Tensor) -> torch.Tensor:
+        return self.readout(h)
 
-        with region("prelude"):
-            for i, block in enumerate(self.prelude):
-                x = block(x, rope, ves.get(i), kv_slot(cache, "prelude", i))
-            e = self.ln_prelude(x)
-
-        with region("injection"):
-            h = h0 if h0 is not None else initial_state(cfg, e, self.rng.on(e.device))
-            decay, drive = self.injection.decay(), self.injection.drive(e)
-
-        def step(h: torch.Tensor, loop: int) -> torch.Tensor:
-            with region("injection"):
-                x = decay * h + drive
-            for j, block in enumerate(self.core):
-                with region(core_label(j)):
-                    x = block(x, rope, ves.get(P + j), kv_slot(cache, "core", P + j, loop))
-            return x
-
-        def head(h: torch.Tensor) -> torch.Tensor:
-            with region("readout"):
-                x = self.readout(h)
-            with region("coda"):
-                for j, block in enumerate(self.coda):
-                    x = block(x, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
-            with region("head"):
-                return F.linear(self.ln_f(x), self.wte.weight)
-
-        plan = plan_loops(cfg, B, loops, self.training, self.rng.cpu)
-        h = run_loops(step, h, plan, exit_rule=exit, readout=head, stats=stats)
-        logits = head(h)
-        if cache is not None:
-            cache.advance(T)
-        if stats is not None:
-            stats["spectral_radius"] = float(decay.detach().max())
-        return logits
-
-    def compute_loss(self, idx: torch.Tensor, targets: torch.Tensor, *, loops: int | None = None,
-                     stats: dict | None = None) -> torch.Tensor:
-        return next_token_loss(self(idx, loops=loops, stats=stats), targets)
+    def loop_stats(self, stats: dict) -> None:
+        stats["spectral_radius"] = float(self.injection.decay().detach().max())

@@ -13,11 +13,15 @@ in matched pairs:
 from __future__ import annotations
 
 from .config import ModelConfig
+from .rdm import huginn_overrides
 
 _PAPER = dict(vocab_size=32_768, value_embeds=True, max_seq_len=2048)
 _TINY = dict(vocab_size=256, max_seq_len=512)
 _MICRO = dict(_TINY, d_model=64, n_heads=2)
 _SMALL = dict(_TINY, d_model=128, n_heads=4)
+# GPT-2 blocks as the Ohio State code builds them (HF GPT2Block: LayerNorm, biases, tanh-GELU 4d, no RoPE)
+_OSU = dict(norm="layernorm", linear_bias=True, mlp="gelu-tanh", positional="none", qk_norm=False, init="gpt2",
+            loop_sampler="poisson", loops_min=2, loops_max=8, loop_scope="batch")
 
 # size name -> (d_model, n_heads, dense layers)
 _PAPER_SIZES: dict[str, tuple[int, int, int]] = {
@@ -55,6 +59,17 @@ def _tiny_presets() -> dict[str, ModelConfig]:
         "looped-tiny": ModelConfig("looped", n_core=6, mu_rec=2, **_SMALL),
         "looped-tiny-k1": ModelConfig("looped", n_core=1, mu_rec=12, injection="add", **_SMALL),
         "ut-tiny": ModelConfig("ut", n_core=6, mu_rec=2, **_SMALL),
+        # Huginn's architecture (rdm.huginn_overrides): embedding scale sqrt(d), q/k bias and no QK-norm,
+        # SwiGLU at the relu^2 MLP's parameter count, Takase init
+        "rdm-huginn-micro": ModelConfig("rdm", n_prelude=1, n_core=1, n_coda=1, mu_rec=4, **_MICRO,
+                                        **huginn_overrides(64)),
+        "rdm-huginn-tiny": ModelConfig("rdm", n_prelude=2, n_core=2, n_coda=2, mu_rec=4, **_SMALL,
+                                       **huginn_overrides(128)),
+        # Ohio State "Loop, Think, & Generalize": GPT-2 blocks, 4 layers looped, R ~ Poisson(4) clipped to
+        # [2, 8] per batch with backprop through all of them, additive input injection, no positions;
+        # d 64 and 128 here (768 in the paper)
+        "looped-osu-micro": ModelConfig("looped", n_core=4, mu_rec=4, mu_bwd=8, injection="add", **_OSU, **_MICRO),
+        "looped-osu-tiny": ModelConfig("looped", n_core=4, mu_rec=4, mu_bwd=8, injection="add", **_OSU, **_SMALL),
     }
 
 

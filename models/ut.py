@@ -16,9 +16,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .blocks import RMSNorm, ValueEmbeddings, make_stack, next_token_loss, rope_tables, value_embed_layers
+from .blocks import (
+    ValueEmbeddings,
+    embed_tokens,
+    lm_logits,
+    make_norm,
+    make_stack,
+    next_token_loss,
+    positions,
+    value_embed_layers,
+)
 from .cache import KVCache, kv_slot
 from .config import ModelConfig
 from .recurrence import ExitRule, LoopRNG
@@ -52,12 +60,12 @@ class UT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, d)
         self.value_embeds = ValueEmbeddings(config, value_embed_layers(config))
         self.prelude = make_stack(config, range(0, P), n)
-        self.ln_prelude = RMSNorm(d, config.norm_eps) if config.prelude_norm else nn.Identity()
+        self.ln_prelude = make_norm(config) if config.prelude_norm else nn.Identity()
         self.step_embed = nn.Embedding(config.act_max_steps, d)
         self.halting = Halting(d)
         self.core = make_stack(config, range(P, P + R), n)
         self.coda = make_stack(config, range(P + R, n), n)
-        self.ln_f = RMSNorm(d, config.norm_eps)
+        self.ln_f = make_norm(config)
         self.rng = LoopRNG(seed)  # UT draws nothing at random; kept for the common interface
 
     def reseed(self, seed: int) -> None:
@@ -80,9 +88,9 @@ class UT(nn.Module):
             raise ValueError(f"ut: loops={loops} must be in [1, act_max_steps={cfg.act_max_steps}]")
         start = cache.pos if cache is not None else 0
         with region("embed"):
-            rope = rope_tables(start, T, cfg.head_dim, cfg.rope_theta, idx.device)
+            rope = positions(cfg, start, T, idx.device)
             ves = self.value_embeds.lookup(idx)
-            x = self.wte(idx)
+            x = embed_tokens(self.config, self.wte, idx)
 
         with region("prelude"):
             for i, block in enumerate(self.prelude):
@@ -130,7 +138,7 @@ class UT(nn.Module):
             for j, block in enumerate(self.coda):
                 output = block(output, rope, ves.get(P + R + j), kv_slot(cache, "coda", P + R + j))
         with region("head"):
-            logits = F.linear(self.ln_f(output), self.wte.weight)
+            logits = lm_logits(self.config, self.ln_f(output), self.wte.weight)
         if cache is not None:
             cache.advance(T)
         ponder = n_updates + remainder

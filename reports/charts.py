@@ -21,8 +21,8 @@ import seaborn as sns  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter  # noqa: E402
 
-from loopscope.reports import frames  # noqa: E402
-from loopscope.reports.fits import fit_saturation, overthinking  # noqa: E402
+from loopscope.reports import frames, groups  # noqa: E402
+from loopscope.reports.fits import fit_saturation  # noqa: E402
 from loopscope.reports.frames import DENSE_FAMILY, FAMILY_ORDER, RunData, family_rank  # noqa: E402
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -59,16 +59,16 @@ def _styled(fn: ChartFn) -> ChartFn:
 # --- small helpers -------------------------------------------------------------------------------
 
 
-def si(value: float, unit: str = "") -> str:
+def si(value: float, unit: str = "", digits: int = 3) -> str:
     """1234567 -> '1.23M'; with a unit, 5.9e10 FLOP/s -> '59.5 GFLOP/s'."""
     if not np.isfinite(value):
         return "NaN"
-    mantissa, prefix = f"{value:.3g}", ""
+    mantissa, prefix = f"{value:.{digits}g}", ""
     steps = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "µ"))
     if value != 0:
         for factor, p in steps:
             if abs(value) >= factor:
-                mantissa, prefix = f"{value / factor:.3g}", p
+                mantissa, prefix = f"{value / factor:.{digits}g}", p
                 break
     return f"{mantissa} {prefix}{unit}" if unit else f"{mantissa}{prefix}"
 
@@ -128,7 +128,9 @@ def _model_colors(run: RunData) -> dict[str, tuple]:
     for family in dict.fromkeys(f for f, _ in pairs):
         models = [m for f, m in pairs if f == family]
         base = _family_color(family)
-        shades = [base] if len(models) == 1 else sns.dark_palette(base, len(models) + 1, reverse=True)[:-1]
+        # Shades from dark to light around the family colour, far enough apart to tell models apart.
+        dark, light = tuple(0.45 * c for c in base), tuple(c + 0.6 * (1 - c) for c in base)
+        shades = [base] if len(models) == 1 else sns.blend_palette([dark, base, light], len(models))
         colors.update(zip(models, shades, strict=True))
     return colors
 
@@ -190,74 +192,111 @@ def _pct(a: float, b: float) -> str:
     return f"{(a / b - 1) * 100:+.1f}%"
 
 
-# --- 1, 2: quality per parameter and per training FLOP -------------------------------------------
+# --- 1, 2: quality per parameter and per training FLOP, one panel per recipe group -------------
 
 
-def _quality_scatter(df: pd.DataFrame, x: str, xlabel: str) -> tuple[plt.Figure, np.ndarray]:
-    fig, ax = plt.subplots(figsize=(6.6, 4.3), dpi=110)
-    families = sorted(df["family"].unique(), key=family_rank)
-    for family in families:
-        g = df[df["family"] == family]
-        ax.scatter(g[x], g["value"], s=60, color=_family_color(family), label=family, zorder=3,
-                   marker="o" if family == DENSE_FAMILY else "D", edgecolor="white", linewidth=0.6)
-        if g["bpb_std"].notna().any():
-            ax.errorbar(g[x], g["value"], yerr=g["bpb_std"].fillna(0), fmt="none", ecolor="grey", lw=0.8,
-                        capsize=2, zorder=2)
-    front = frames.pareto_front(df[x].to_numpy(float), df["value"].to_numpy(float))
-    if len(front) > 1:
-        pts = df.iloc[front]
-        ax.plot(pts[x], pts["value"], drawstyle="steps-post", ls="--", color="grey", lw=1,
-                label="Pareto frontier", zorder=1)
-    if not _log_if_wide(ax, "x", df[x]):
-        span = df[x].max() - df[x].min()
-        pad = 0.08 * span if span > 0 else 0.05 * df[x].max()
-        ax.set_xlim(df[x].min() - pad, df[x].max() + pad * 2.5)
-    _si_axis(ax, "x")
-    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("bits per byte (held-out; lower is better)")
-    ax.legend(fontsize=7, loc="best", framealpha=0.9)
-    _label_points(ax, df[x], df["value"], df["model"])
-    return fig, front
+def _quality_groups(run: RunData) -> pd.DataFrame:
+    """Per (recipe group, model): bpb mean over training seeds at the training loops, with train FLOPs."""
+    scores = groups.model_scores(groups.quality_groups(run))
+    if scores.empty:
+        return scores
+    flops = []
+    for ids in scores["cell_ids"]:
+        values = np.asarray([frames.training_flops(run, c) for c in ids], dtype=float)
+        flops.append(float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else np.nan)
+    main = groups.main_group(scores)
+    return scores.assign(train_flops=flops, _main=scores["group_key"] != main).sort_values(
+        ["_main", "group_key"], kind="stable").drop(columns="_main").reset_index(drop=True)
+
+
+def _error(g: pd.DataFrame) -> np.ndarray:
+    """Bars: the 95% interval over training seeds; with one seed, the h0 std (evaluation noise only)."""
+    return np.where(g["n_seeds"] > 1, g["bpb_ci95"], g["bpb_h0_std"]).astype(float)
+
+
+def _quality_panels(df: pd.DataFrame, x: str, xlabel: str) -> tuple[plt.Figure, dict[str, np.ndarray]]:
+    """One panel per recipe group (models are compared only within one), a Pareto frontier in each."""
+    keys = list(dict.fromkeys(df["group_key"]))
+    ncols = min(len(keys), 2)
+    nrows = math.ceil(len(keys) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols + 0.6, 4.0 * nrows + 0.4), dpi=110, squeeze=False)
+    fronts = {}
+    for ax, key in zip(axes.flat, keys, strict=False):
+        g = df[df["group_key"] == key].reset_index(drop=True)
+        for family in sorted(g["family"].unique(), key=family_rank):
+            f = g[g["family"] == family]
+            ax.errorbar(f[x], f["bpb"], yerr=np.nan_to_num(_error(f)), fmt="o" if family == DENSE_FAMILY else "D",
+                        ms=7, color=_family_color(family), ecolor="grey", elinewidth=0.9, capsize=3,
+                        label=family, zorder=3, markeredgecolor="white")
+        front = frames.pareto_front(g[x].to_numpy(float), g["bpb"].to_numpy(float))
+        fronts[key] = front
+        if len(front) > 1:
+            pts = g.iloc[front]
+            ax.plot(pts[x], pts["bpb"], drawstyle="steps-post", ls="--", color="grey", lw=1,
+                    label="Pareto frontier (within this recipe)", zorder=1)
+        narrow = False
+        if not _log_if_wide(ax, "x", g[x]):
+            span = g[x].max() - g[x].min()
+            pad = 0.1 * span if span > 0 else 0.05 * g[x].max()
+            ax.set_xlim(g[x].min() - pad, g[x].max() + pad * 3)
+            narrow = g[x].max() < 1.2 * g[x].min()  # close values need more digits to tell the ticks apart
+        _si_axis(ax, "x", lambda v, d=(4 if narrow else 3): si(v, digits=d))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3f}"))
+        seeds = int(g["n_seeds"].max())
+        bars = "bars: 95% interval of the mean" if seeds > 1 else "bars: std over h0 draws only"
+        ax.set_title(f"recipe: {g['group'].iloc[0]}\n({seeds} training seed{'s' if seeds > 1 else ''} per model; "
+                     f"{bars})", fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("bits per byte (held-out; lower is better)")
+        _label_points(ax, g[x], g["bpb"], g["model"])
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_axis_off()
+    _legend_below(fig, list(axes.flat)[: len(keys)])
+    return fig, fronts
+
+
+def _group_reading(df: pd.DataFrame, x: str, fronts: dict[str, np.ndarray], what: str) -> str:
+    """Per recipe group: the lowest bpb, the frontier, and each looped model against the dense model
+    closest on `x`, called a difference only beyond the seed spread. Never across groups."""
+    parts = []
+    for key, front in fronts.items():
+        g = df[df["group_key"] == key].reset_index(drop=True)
+        best = g.loc[g["bpb"].idxmin()]
+        text = (f"[{g['group'].iloc[0]}] lowest: {best['model']} {best['bpb']:.3f} bpb; frontier: "
+                f"{', '.join(g.iloc[front]['model'])}")
+        dense = g[g["family"] == DENSE_FAMILY]
+        for _, lm in g[g["family"] != DENSE_FAMILY].iterrows():
+            if dense.empty:
+                break
+            dm = dense.loc[(np.log(dense[x] / lm[x])).abs().idxmin()]
+            d = groups.difference(lm["model"], lm["seed_values"], dm["model"], dm["seed_values"])
+            text += f"; {lm['model']} vs {dm['model']} at {lm[x] / dm[x]:.2f}x its {what}: {d.text()}"
+        parts.append(text)
+    if len(fronts) > 1:
+        parts.append("groups trained on different recipes are not compared with each other")
+    return "; ".join(parts) + "."
 
 
 @_styled
 def bpb_vs_params(run: RunData) -> Chart | Omitted:
-    name, title = "bpb_vs_params", "Bits per byte vs unique parameters"
-    df = frames.at_training_loops(frames.quality_frame(run))
+    name, title = "bpb_vs_params", "Bits per byte vs unique parameters, per training recipe"
+    df = _quality_groups(run)
     if df.empty:
         return Omitted(name, title, _why_no(run, ("eval",), "bits per byte come from eval cells"))
-    fig, front = _quality_scatter(df, "params_unique", "unique parameters (shared weights counted once)")
-    best = df.loc[df["value"].idxmin()]
-    reading = (f"Lowest: {best['model']} at {best['value']:.3f} bpb with {si(best['params_unique'])} unique "
-               f"parameters; Pareto frontier: {', '.join(df.iloc[front]['model'])}")
-    pairs = frames.matched_pairs(run, "iso-param")
-    if not pairs.empty and "bpb ratio" in pairs:
-        parts = [f"{r['looped']} is {_pct(r['looped bpb'], r['dense bpb'])} vs {r['dense']} at "
-                 f"{r['match ratio']:.2f}x its parameters" for _, r in pairs.iterrows() if np.isfinite(r["bpb ratio"])]
-        if parts:
-            reading += "; " + "; ".join(parts)
-    return Chart(name, title, fig, reading + ".")
+    fig, fronts = _quality_panels(df, "params_unique", "unique parameters (shared weights counted once)")
+    return Chart(name, title, fig, _group_reading(df, "params_unique", fronts, "parameters"))
 
 
 @_styled
 def bpb_vs_train_flops(run: RunData) -> Chart | Omitted:
-    name, title = "bpb_vs_train_flops", "Bits per byte vs training FLOPs"
-    df = frames.quality_vs_flops(run)
+    name, title = "bpb_vs_train_flops", "Bits per byte vs training FLOPs, per training recipe"
+    df = _quality_groups(run)
+    df = df[np.isfinite(df["train_flops"])] if not df.empty else df
     if df.empty:
         return Omitted(name, title, _why_no(run, ("eval",), "training FLOPs need an eval cell and its finished "
                                                             "train cell's train_tokens"))
-    fig, front = _quality_scatter(df, "train_flops", "training FLOPs (analytic FLOPs/token x tokens trained)")
-    cheapest = df.loc[df["train_flops"].idxmin()]
-    best = df.loc[df["value"].idxmin()]
-    reading = (f"{best['model']} reaches the lowest bpb ({best['value']:.3f}) with {si(best['train_flops'], 'FLOP')} "
-               f"of training, {best['train_flops'] / cheapest['train_flops']:.2f}x the least-compute model "
-               f"{cheapest['model']} ({cheapest['value']:.3f} bpb); Pareto frontier: "
-               f"{', '.join(df.iloc[front]['model'])}.")
-    if best["model"] == cheapest["model"]:
-        reading = (f"{best['model']} is both the cheapest to train ({si(best['train_flops'], 'FLOP')}) and the best "
-                   f"({best['value']:.3f} bpb): it dominates every other model here.")
-    return Chart(name, title, fig, reading)
+    fig, fronts = _quality_panels(df, "train_flops", "training FLOPs (analytic FLOPs/token x tokens trained)")
+    return Chart(name, title, fig, _group_reading(df, "train_flops", fronts, "training FLOPs"))
 
 
 # --- 3: test-time loops with the saturation fit --------------------------------------------------
@@ -266,62 +305,74 @@ def bpb_vs_train_flops(run: RunData) -> Chart | Omitted:
 @_styled
 def bpb_vs_loops(run: RunData) -> Chart | Omitted:
     name, title = "bpb_vs_loops", "Bits per byte vs test-time loops"
-    q = frames.quality_frame(run)
-    looped = q[q["loops_test"].notna()] if not q.empty else q
-    if looped.empty or looped["loops_test"].nunique() < 2:
-        why = ("no looped model was evaluated" if looped.empty else
-               f"only one test-time loop count (T={int(looped['loops_test'].iloc[0])}) was evaluated")
-        return Omitted(name, title, why if not q.empty else _why_no(run, ("eval",), "bits per byte"))
-    best_lr = frames.at_training_loops(q).set_index("model")["lr"]
-    looped = looped[(looped["lr"] == looped["model"].map(best_lr)) | looped["lr"].isna()]
+    q = groups.quality_groups(run)
+    per_T = groups.model_scores(q, at_training_loops=False) if not q.empty else pd.DataFrame()
+    looped = per_T[per_T["loops_test"].notna()] if not per_T.empty else per_T
+    if not looped.empty:  # only models evaluated at two or more loop counts
+        looped = looped[looped.groupby(["group_key", "model"])["loops_test"].transform("nunique") >= 2]
+    if looped.empty:
+        evaluated = per_T[per_T["loops_test"].notna()] if not per_T.empty else per_T
+        why = (_why_no(run, ("eval",), "bits per byte") if q.empty else
+               "no looped model was evaluated" if evaluated.empty else
+               f"only one test-time loop count (T={int(evaluated['loops_test'].iloc[0])}) was evaluated"
+               if evaluated["loops_test"].nunique() == 1 else
+               "no looped model was evaluated at two or more test-time loop counts")
+        return Omitted(name, title, why)
     colors = _model_colors(run)
-    fig, ax = plt.subplots(figsize=(6.6, 4.3), dpi=110)
+    keys = list(dict.fromkeys(looped["group_key"]))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys) + 2.0, 4.3), dpi=110, squeeze=False)
     parts = []
-    for model, g in looped.sort_values("loops_test").groupby("model", sort=True):
-        color = colors.get(model, "C0")
-        T, L = g["loops_test"].to_numpy(float), g["value"].to_numpy(float)
-        ax.errorbar(T, L, yerr=g["bpb_std"].fillna(0).to_numpy(), fmt="o", color=color, ms=5, capsize=2,
-                    lw=0.8, label=model, zorder=3)
-        train_T = float(g["loops_train"].iloc[0])
-        ax.axvline(train_T, color=color, ls=":", lw=1)
-        text = f"{model} {L[0]:.3f} at T={T[0]:g} to {L[-1]:.3f} at T={T[-1]:g}"
-        if np.unique(T).size == 1:
-            text = f"{model} {L[0]:.3f} at T={T[0]:g} only"
-        elif np.unique(T).size >= 3:
-            try:
-                fit = fit_saturation(T, L)
-            except ValueError as err:
-                text += f" (no saturation fit: {err})"
+    for ax, key in zip(axes[0], keys, strict=True):
+        lg = looped[looped["group_key"] == key]
+        for model, g in lg.sort_values("loops_test").groupby("model", sort=True):
+            color = colors.get(model, "C0")
+            T, L = g["loops_test"].to_numpy(float), g["bpb"].to_numpy(float)
+            err = np.nan_to_num(_error(g))
+            seeds = int(g["n_seeds"].max())
+            ax.errorbar(T, L, yerr=err, fmt="o", color=color, ms=5, capsize=2, lw=0.8,
+                        label=f"{model} ({seeds} seed{'s' if seeds > 1 else ''})", zorder=3)
+            train_T = float(g["loops_train"].iloc[0])
+            ax.axvline(train_T, color=color, ls=":", lw=1)
+            text = f"{model} {L[0]:.3f} at T={T[0]:g} to {L[-1]:.3f} at T={T[-1]:g}"
+            if np.unique(T).size >= 3:
+                try:
+                    fit = fit_saturation(T, L)
+                except ValueError as err_:
+                    text += f" (no saturation fit: {err_})"
+                else:
+                    grid = np.geomspace(T.min(), T.max(), 100)
+                    ax.plot(grid, fit.predict(grid), color=color, lw=1.2, alpha=0.8)
+                    text += f", fit L_inf={fit.L_inf:.3f}"
             else:
-                grid = np.geomspace(T.min(), T.max(), 100)
-                ax.plot(grid, fit.predict(grid), color=color, lw=1.2, alpha=0.8)
-                text += (f", fit L_inf={fit.L_inf:.3f} Z={fit.Z:.3g} z={fit.z:.2f} (rms {fit.residual:.1e})")
-        else:
-            ax.plot(T, L, color=color, lw=1, alpha=0.6)
-            text += " (too few loop counts to fit L_inf + Z exp(-zT))" if np.unique(T).size == 2 else ""
-        noise = 2 * float(np.nanmax(g["bpb_std"])) if g["bpb_std"].notna().any() else 0.0
-        over = overthinking(T, L, train_T, tolerance=noise)
-        if over is not None:
-            text += (f", OVERTHINKING: up from {over.best_L:.3f} at T={over.best_T:g} to {over.worst_L:.3f} at "
-                     f"T={over.worst_T:g} beyond its {train_T:g} training loops")
-            ax.annotate("overthinking", (over.worst_T, over.worst_L), xytext=(0, 10), textcoords="offset points",
-                        ha="center", fontsize=7, color=color, arrowprops={"arrowstyle": "-", "color": color})
-        parts.append(text)
-    dense = frames.at_training_loops(q)
-    dense = dense[dense["family"] == DENSE_FAMILY]
-    for _, r in dense.iterrows():
-        ax.axhline(r["value"], color=colors.get(r["model"], "grey"), ls="--", lw=1, label=f"{r['model']} (dense)")
-    Ts = sorted(looped["loops_test"].unique())
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(Ts)
-    ax.set_xlim(min(Ts) / 1.2, max(Ts) * 1.2)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3f}"))
-    ax.set_xlabel("test-time loops T (dotted: training mean loops; line: fit L_inf + Z exp(-zT))")
-    ax.set_ylabel("bits per byte (held-out; bars: std over h0 seeds)")
-    fig.set_figwidth(8.2)
-    _legend_right(ax)
+                ax.plot(T, L, color=color, lw=1, alpha=0.6)
+            # Beyond the training loops: a rise is "overthinking" only when it exceeds the seed spread.
+            at = g.iloc[int(np.abs(T - train_T).argmin())]
+            worst = g[g["loops_test"] > at["loops_test"]]
+            if not worst.empty:
+                w = worst.loc[worst["bpb"].idxmax()]
+                d = groups.difference("beyond", w["seed_values"], "at", at["seed_values"])
+                if d.real and d.rel > 0:
+                    text += (f", overthinking: {at['bpb']:.3f} at T={at['loops_test']:g} rises to {w['bpb']:.3f} at "
+                             f"T={w['loops_test']:g} ({d.text()})")
+                    ax.annotate("overthinking", (w["loops_test"], w["bpb"]), xytext=(0, 10),
+                                textcoords="offset points", ha="center", fontsize=7, color=color)
+                elif d.rel > 0:
+                    text += f"; beyond T={at['loops_test']:g}: {d.text()}"
+            parts.append(text)
+        dense = per_T[(per_T["group_key"] == key) & (per_T["family"] == DENSE_FAMILY)]
+        for _, r in dense.iterrows():
+            ax.axhline(r["bpb"], color=colors.get(r["model"], "grey"), ls="--", lw=1, label=f"{r['model']} (dense)")
+        Ts = sorted(lg["loops_test"].unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(Ts)
+        ax.set_xlim(min(Ts) / 1.2, max(Ts) * 1.2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:.3f}"))
+        ax.set_xlabel("test-time loops T (dotted: training mean loops; line: fit L_inf + Z exp(-zT))")
+        ax.set_ylabel("bits per byte (bars: 95% over seeds, or h0 std)")
+        ax.set_title(f"recipe: {lg['group'].iloc[0]}", fontsize=8)
+        _legend_right(ax)
     fig.tight_layout()
     return Chart(name, title, fig, "; ".join(parts) + ".")
 
@@ -335,34 +386,57 @@ def throughput_vs_depth(run: RunData) -> Chart | Omitted:
     df = frames.speed_frame(run)
     if df.empty:
         return Omitted(name, title, _why_no(run, ("prefill", "decode"), "tokens/s"))
-    workloads = [w for w in ("prefill", "decode") if (df["workload"] == w).any()]
     colors = _model_colors(run)
-    df = df.assign(engine=df["backend"] + " / " + df["device"])
+    df = df.assign(engine=df["backend"] + " / " + df["device"], kv=df["kv_policy"].fillna(""))
     engines = sorted(df["engine"].unique())
     markers = dict(zip(engines, "osD^vP*X", strict=False))
     styles = dict(zip(engines, ["-", "--", ":", "-."] * 3, strict=False))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(5.2 * len(workloads) + 1.2, 4.3), dpi=110, squeeze=False)
+    # One panel per setting: a line only joins cells of one model, engine and KV policy at one batch,
+    # context and dtype, so its slope is the cost of depth (loops) alone.
+    panel_keys = ["workload", "batch", "seq_len", "dtype"]
+    panels = [k for k, _ in df.groupby(panel_keys, sort=False)]
+    panels.sort(key=lambda k: (k[0] != "prefill", k[1], k[2], str(k[3])))
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 0.6, 3.7 * nrows + 0.6), dpi=110, squeeze=False)
     readings = []
-    for ax, workload in zip(axes[0], workloads, strict=True):
-        w = df[df["workload"] == workload]
-        keys = ["model", "engine", "batch", "seq_len", "dtype", "kv_policy"]
-        for key, g in w.groupby(keys, dropna=False, sort=True):
+    for ax, key in zip(grid.flat, panels, strict=False):
+        workload, batch, seq_len, dtype = key
+        w = df[(df["workload"] == workload) & (df["batch"] == batch) & (df["seq_len"] == seq_len)
+               & (df["dtype"] == dtype)]
+        for (model, engine, kv), g in w.groupby(["model", "engine", "kv"], sort=True):
             g = g.sort_values("effective_depth")
-            model, engine, kv = key[0], key[1], key[5]
-            label = f"{model} · {engine}" + ("" if pd.isna(kv) else f" · KV {kv}")
+            hollow = kv == "last-loop"
             ax.errorbar(g["effective_depth"], g["value"],
                         yerr=[(g["value"] - g["ci_low"]).clip(lower=0).fillna(0),
                               (g["ci_high"] - g["value"]).clip(lower=0).fillna(0)],
-                        color=colors.get(model, "C0"), marker=markers[engine], ls=styles[engine], ms=5, lw=1.2,
-                        elinewidth=0.7, capsize=2, label=label)
+                        color=colors.get(model, "C0"), marker=markers[engine], ls=styles[engine], ms=6, lw=1.3,
+                        mfc="white" if hollow else colors.get(model, "C0"), elinewidth=0.7, capsize=2)
         _log_if_wide(ax, "y", pd.concat([w["ci_low"], w["ci_high"], w["value"]]))
         _si_axis(ax, "y")
-        ax.set_xlabel("effective depth P + T·R + C (layers run per token)")
-        ax.set_ylabel(f"{workload} tokens/s (median; bars: 95% CI)")
-        ax.set_title(workload, fontsize=9)
+        depths = w["effective_depth"].dropna()
+        ax.set_xlim(max(0, depths.min() - 0.12 * (depths.max() - depths.min() + 4)),
+                    depths.max() + 0.12 * (depths.max() - depths.min() + 4))
+        ax.set_xlabel("effective depth P + T·R + C (layers per token)")
+        ax.set_ylabel(f"{workload} tokens/s (median, 95% CI)")
+        ax.set_title(f"{workload} · batch {int(batch)} × {int(seq_len)} tokens · {dtype}", fontsize=8.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        readings.append(_throughput_reading(workload, w))
-    _legend_below(fig, axes[0], ncol=2 if len(workloads) == 1 else 3)
+        first = w.sort_values("effective_depth").drop_duplicates(["model"])
+        _label_points(ax, first["effective_depth"], first["value"], first["model"], fontsize=6.5)
+        readings.append(_throughput_reading(f"{workload} (batch {int(batch)} x {int(seq_len)}, {dtype})", w))
+    for ax in list(grid.flat)[len(panels):]:
+        ax.set_axis_off()
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, lw=2, label=m) for m, c in colors.items() if m in set(df["model"])]
+    handles += [Line2D([], [], color="black", ls=styles[e], marker=markers[e], label=e) for e in engines]
+    if (df["kv"] == "last-loop").any():
+        handles += [Line2D([], [], color="black", marker="o", ls="", label="KV cache per loop"),
+                    Line2D([], [], color="black", marker="o", mfc="white", ls="", label="KV cache of the last loop")]
+    rows = math.ceil(len(handles) / 4)
+    fig.set_figheight(fig.get_figheight() + 0.22 * rows)
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, (0.22 * rows + 0.1) / fig.get_figheight(), 1, 1))
     return Chart(name, title, fig, "; ".join(readings) + ".")
 
 
@@ -399,61 +473,86 @@ def memory_vs_context(run: RunData) -> Chart | Omitted:
     df = frames.memory_frame(run)
     if df.empty:
         return Omitted(name, title, _why_no(run, ("decode",), "weights + KV bytes come from decode cells"))
-    policies = sorted(df["kv_policy"].unique())
     colors = _model_colors(run)
-    fig, axes = plt.subplots(1, len(policies), figsize=(4.6 * len(policies) + 1.0, 4.2), dpi=110,
-                             squeeze=False, sharey=True)
+    batches = sorted(int(b) for b in df["batch"].unique())
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.0 * len(batches) + 1.4, 4.2), dpi=110, squeeze=False)
     max_ctx = float(df["seq_len"].max())
     grid = np.linspace(0, max_ctx * 1.5, 64)
-    # Plot in one binary unit (ticks at round MiB, not at round bytes).
     largest = float((df["weights_bytes"] + df["kv_cache_bytes"] * 1.5).max())
     div, unit = bytes_unit(largest)
-    for ax, policy in zip(axes[0], policies, strict=True):
-        p = df[df["kv_policy"] == policy]
-        for key, g in p.groupby(["model", "loops_test", "batch", "dtype"], dropna=False, sort=True):
-            model, loops, batch, dtype = key
-            color = colors.get(model, "C0")
-            label = f"{model}" + ("" if pd.isna(loops) else f" T={int(loops)}") + f" b{int(batch)}"
+    styles = {"full (dense)": "-", "per-loop": "-", "last-loop": "--"}
+    from loopscope.models import kv_bytes_per_token
+
+    for ax, batch in zip(axes[0], batches, strict=True):
+        p = df[df["batch"] == batch]
+        # Cells whose weights and KV growth are identical (same sizes, same policy) share one line and one label,
+        # so models that overlap exactly are named together instead of hiding each other.
+        curves: dict[tuple, dict] = {}
+        for key, g in p.groupby(["model", "loops_test", "kv_policy", "dtype"], dropna=False, sort=True):
+            model, loops, policy, dtype = key
             weights = float(g["weights_bytes"].iloc[0])
             cfg = run.model_config(g["cell_id"].iloc[0])
-            if cfg is not None:
-                from loopscope.models import kv_bytes_per_token
-
-                per_token = kv_bytes_per_token(cfg, None if pd.isna(loops) else int(loops),
-                                               dtype_bytes=DTYPE_BYTES.get(dtype, 4),
-                                               policy="per-loop" if policy == "full (dense)" else policy)
-                total = weights + per_token * batch * grid
-                ax.plot(grid, total / div, color=color, lw=1.3, label=label)
-                ax.fill_between(grid, weights / div, total / div, color=color, alpha=0.12)
-            ax.axhline(weights / div, color=color, ls="--", lw=0.9)
-            ax.scatter(g["seq_len"], (g["weights_bytes"] + g["kv_cache_bytes"]) / div, color=color, zorder=3,
-                       s=30, edgecolor="black", linewidth=0.5, label=label if cfg is None else None)
-        ax.set_title(f"KV policy: {policy}", fontsize=9)
+            # Bytes per token and sequence: from the model's accounting, else from the measured cache (a KV
+            # cache grows linearly with the context).
+            per_token = (kv_bytes_per_token(cfg, None if pd.isna(loops) else int(loops),
+                                            dtype_bytes=DTYPE_BYTES.get(dtype, 4),
+                                            policy="per-loop" if policy == "full (dense)" else policy)
+                         if cfg is not None else float(g["kv_cache_bytes"].iloc[0]) / (batch * g["seq_len"].iloc[0]))
+            label = f"{model}" + ("" if pd.isna(loops) else f" T={int(loops)}") + (
+                "" if policy == "full (dense)" else f" ({policy})")
+            ck = (round(weights), round(per_token) if np.isfinite(per_token) else label, policy)
+            c = curves.setdefault(ck, {"labels": [], "model": model, "weights": weights, "per_token": per_token,
+                                       "policy": policy, "points": []})
+            c["labels"].append(label)
+            c["points"] += list(zip(g["seq_len"], g["weights_bytes"] + g["kv_cache_bytes"], strict=True))
+        for c in curves.values():
+            color = colors.get(c["model"], "C0")
+            label = " = ".join(c["labels"])
+            if np.isfinite(c["per_token"]):
+                total = c["weights"] + c["per_token"] * batch * grid
+                ax.plot(grid, total / div, color=color, ls=styles.get(c["policy"], "-"), lw=1.4, label=label)
+            ax.axhline(c["weights"] / div, color=color, ls=":", lw=0.9)
+            xs, ys = zip(*c["points"], strict=True)
+            ax.scatter(xs, np.asarray(ys, float) / div, color=color, zorder=3, s=30, edgecolor="black", linewidth=0.5,
+                       label=None if np.isfinite(c["per_token"]) else label)
+        ax.set_title(f"batch {batch}", fontsize=9)
         ax.set_xlabel("context length (tokens)")
         ax.set_xlim(0, grid[-1])
-    axes[0][0].set_ylabel(f"{unit} (dashed: weights; shaded: KV cache; dots: measured)")
-    axes[0][0].set_ylim(bottom=0)
-    _legend_below(fig, axes[0])
+        ax.set_ylim(bottom=0)
+        ax.set_ylabel(f"{unit} (dotted: weights; dots: measured)")
+    fig.text(0.5, 0.0, "solid: KV cache per loop (dense: its only cache); dashed: KV cache of the last loop only",
+             ha="center", va="top", fontsize=7, color="#444444")
+    handles: dict[str, object] = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
     return Chart(name, title, fig, _memory_reading(df))
 
 
 def _memory_reading(df: pd.DataFrame) -> str:
+    """Per batch size (never across): the largest KV cache relative to its weights, and what caching only
+    the last loop saves."""
     df = df.assign(kv_share=df["kv_cache_bytes"] / df["weights_bytes"])
-    top = df.loc[df["kv_share"].idxmax()]
-    loops = "" if pd.isna(top["loops_test"]) else f" T={int(top['loops_test'])}"
-    text = (f"At {int(top['seq_len'])} tokens (batch {int(top['batch'])}) the {top['kv_policy']} KV cache of "
-            f"{top['model']}{loops} is {human_bytes(top['kv_cache_bytes'])} ({top['kv_share']:.2f}x its "
-            f"{human_bytes(top['weights_bytes'])} of weights, {top['kv_source']})")
-    both = df.pivot_table(index=["model", "loops_test", "batch", "seq_len"], columns="kv_policy",
-                          values="kv_cache_bytes")
-    if {"per-loop", "last-loop"} <= set(both.columns):
-        pair = both.dropna(subset=["per-loop", "last-loop"])
-        if not pair.empty:
-            (model, loops_, _, _), r = next(iter(pair.iterrows()))
-            text += (f"; caching only the last loop cuts {model} T={int(loops_)} from "
-                     f"{human_bytes(r['per-loop'])} to {human_bytes(r['last-loop'])} "
-                     f"({r['per-loop'] / r['last-loop']:.1f}x less)")
-    return text + "."
+    parts = []
+    for batch, b in df.groupby("batch", sort=True):
+        top = b.loc[b["kv_share"].idxmax()]
+        loops = "" if pd.isna(top["loops_test"]) else f" T={int(top['loops_test'])}"
+        text = (f"batch {int(batch)}, {int(top['seq_len'])} tokens: the {top['kv_policy']} KV cache of "
+                f"{top['model']}{loops} is {human_bytes(top['kv_cache_bytes'])} ({top['kv_share']:.2f}x its "
+                f"{human_bytes(top['weights_bytes'])} of weights, {top['kv_source']})")
+        both = b.pivot_table(index=["model", "loops_test", "seq_len"], columns="kv_policy", values="kv_cache_bytes")
+        if {"per-loop", "last-loop"} <= set(both.columns):
+            pair = both.dropna(subset=["per-loop", "last-loop"])
+            if not pair.empty:
+                (model, loops_, _), r = next(iter(pair.iterrows()))
+                text += (f"; caching only the last loop cuts {model} T={int(loops_)} from "
+                         f"{human_bytes(r['per-loop'])} to {human_bytes(r['last-loop'])} "
+                         f"({r['per-loop'] / r['last-loop']:.1f}x less)")
+        parts.append(text)
+    return ("; ".join(parts) + ".")[:1].upper() + ("; ".join(parts) + ".")[1:]
 
 
 # --- 6: energy per token -------------------------------------------------------------------------
@@ -469,7 +568,8 @@ def energy_per_token(run: RunData) -> Chart | Omitted:
         return Omitted(name, title, reason)
     df = df.assign(cell=[f"{m}" + ("" if pd.isna(t) else f" T={int(t)}") + ("" if pd.isna(kv) else f" KV {kv}")
                          for m, t, kv in zip(df["model"], df["loops_test"], df["kv_policy"], strict=True)],
-                   where=df["workload"] + " · " + df["device"] + " · " + df["backend"])
+                   where=[f"{w} · batch {int(b)} x {int(n)} · {dev} · {be}" for w, b, n, dev, be in
+                          zip(df["workload"], df["batch"], df["seq_len"], df["device"], df["backend"], strict=True)])
     df = df.sort_values(["family", "model", "loops_test"], key=lambda s: s.map(family_rank) if s.name == "family"
                         else s)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * df["cell"].nunique() + 3), 4.4), dpi=110)
@@ -504,6 +604,13 @@ def stability_state_norm(run: RunData) -> Chart | Omitted:
         return Omitted(name, title, "no looped train cell recorded per-loop state norms (dense models have none)")
     many_lrs = s["lr"].nunique() > 1
     s = s.assign(series=[_series_label(m, lr, many_lrs) for m, lr in zip(s["model"], s["lr"], strict=True)])
+    # Training seeds of one model and lr are separate cells: each keeps its own line.
+    nth = s.groupby("series")["cell_id"].transform(lambda ids: ids.map({c: i for i, c in enumerate(ids.unique())}))
+    many = s.groupby("series")["cell_id"].transform("nunique") > 1
+    res = run.results.drop_duplicates("cell_id").set_index("cell_id")
+    seed = s["cell_id"].map(res["seed"]) if "seed" in res.columns else pd.Series(np.nan, index=s.index)
+    tag = [f" seed {int(v)}" if pd.notna(v) else f" #{n + 1}" for v, n in zip(seed, nth, strict=True)]
+    s["series"] = np.where(many, s["series"] + pd.Series(tag, index=s.index), s["series"])
     # One colour per model; with an lr sweep one colour per lr (as in the loss curves), a marker per model.
     model_colors, lrs = _model_colors(run), sorted(s["lr"].dropna().unique())
     lr_colors = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
@@ -585,11 +692,16 @@ def train_loss(run: RunData) -> Chart | Omitted:
     bottom = float(finite["smoothed"].min()) * 0.95 if not finite.empty else None
     if len(lrs) <= 1:
         fig, ax = plt.subplots(figsize=(6.6, 4.2), dpi=110)
-        for model, g in c.groupby("model", sort=True):
-            ax.plot(g["index"], g["smoothed"], color=colors.get(model, "C0"), lw=1.2, label=model)
+        seeds = c.groupby("model")["cell_id"].nunique()
+        for (model, _cid), g in c.groupby(["model", "cell_id"], sort=True):  # one line per cell: seeds apart
+            label = model + (f" ({seeds[model]} seeds)" if seeds[model] > 1 else "")
+            ax.plot(g["index"], g["smoothed"], color=colors.get(model, "C0"), lw=1.1,
+                    alpha=0.8 if seeds[model] > 1 else 1.0, label=label)
             _mark_unfinished(ax, g, top)
         axes = [ax]
-        _legend_right(ax)
+        handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+        ax.legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  frameon=False)
         ax.set_ylabel("train loss (nats/token; rolling median of 9 steps)")
     else:
         models = sorted(c["model"].unique(), key=lambda m: (family_rank(c.loc[c["model"] == m, "family"].iloc[0]), m))
@@ -600,21 +712,24 @@ def train_loss(run: RunData) -> Chart | Omitted:
         palette = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
         axes = list(grid.flat)
         for ax, model in zip(axes, models, strict=False):
-            for lr, g in c[c["model"] == model].groupby("lr"):
+            for (lr, _cid), g in c[c["model"] == model].groupby(["lr", "cell_id"]):
                 ax.plot(g["index"], g["smoothed"], color=palette[lr], lw=1.1, label=f"lr={lr:g}")
                 _mark_unfinished(ax, g, top)
             ax.set_title(model, fontsize=9)
         for ax in axes[len(models):]:
             ax.set_axis_off()
         axes = axes[: len(models)]
-        axes[0].legend(fontsize=6.5, framealpha=0.9)
         for ax in grid[:, 0]:
             ax.set_ylabel("train loss (rolling median 9)")
+        for ax in axes:
+            ax.set_xlabel("step")
+        _legend_below(fig, axes, ncol=min(len(lrs), 6))  # every lr of every panel, outside the data
     for ax in axes:
         ax.set_xlabel("step")
         if top is not None and bottom is not None and top > bottom:
             ax.set_ylim(bottom, top)
-    fig.tight_layout()
+    if len(lrs) <= 1:
+        fig.tight_layout()
     return Chart(name, title, fig, _loss_reading(run, c, len(lrs) > 1, top))
 
 
@@ -737,7 +852,11 @@ def mfu(run: RunData) -> Chart | Omitted:
     workloads = sorted(m["workload"].unique())
     palette = dict(zip(workloads, sns.color_palette("Set2", len(workloads)), strict=True))
     y = np.arange(len(m))
-    ax.barh(y, m["value"] * 100, color=[palette[w] for w in m["workload"]])
+    invalid = (m["validity"] != "ok").to_numpy() if "validity" in m else np.zeros(len(m), dtype=bool)
+    ax.barh(y, m["value"] * 100, color=[palette[w] for w in m["workload"]],
+            hatch=["//" if bad else "" for bad in invalid], edgecolor=["#c0392b" if bad else "none" for bad in invalid])
+    if invalid.any():
+        ax.axvline(100, color="#c0392b", ls="--", lw=1)
     ax.set_yticks(y, labels, fontsize=6.5)
     ax.set_ylim(len(m) - 0.5, -0.5)
     for yi, v in zip(y, m["value"], strict=True):
@@ -745,12 +864,20 @@ def mfu(run: RunData) -> Chart | Omitted:
     ax.set_xlim(0, float(m["value"].max()) * 100 * 1.18)
     ax.xaxis.set_major_formatter(PercentFormatter(decimals=0 if m["value"].max() > 0.05 else 1))
     peak = run.calibrated_peak("float32")
-    ax.set_xlabel(f"analytic model FLOP/s / calibrated GEMM peak (fp32: {si(peak, 'FLOP/s')})")
+    ax.set_xlabel(f"analytic model FLOP/s / calibrated GEMM peak of the cell's dtype (fp32: {si(peak, 'FLOP/s')})")
     handles = [Rectangle((0, 0), 1, 1, color=palette[w]) for w in workloads]
-    ax.legend(handles, workloads, fontsize=7, loc="lower right", framealpha=0.9)
+    labels = list(workloads)
+    if invalid.any():
+        handles.append(Rectangle((0, 0), 1, 1, facecolor="white", hatch="//", edgecolor="#c0392b"))
+        labels.append("flagged invalid")
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     hi, lo = m.iloc[0], m.iloc[-1]
     reading = (f"Highest: {hi['label']} at {hi['value'] * 100:.3g}% of the calibrated peak; lowest: {lo['label']} "
                f"at {lo['value'] * 100:.3g}%")
+    if invalid.any():
+        bad = m[invalid]
+        reading += (f"; {len(bad)} bar(s) flagged invalid and not to be trusted: "
+                    + ", ".join(f"{r['label']} ({r['validity']})" for _, r in bad.head(4).iterrows()))
     fig.tight_layout()
     return Chart(name, title, fig, reading + ".")
 

@@ -15,6 +15,7 @@ Verdicts: better | worse | same | unknown, and `changed` for metrics without a d
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import io
 import json
@@ -51,6 +52,7 @@ HARDWARE_FREE_KINDS = ("deterministic", "quality", "normalised", "status")
 # Kinds judged on raw samples (Mann-Whitney + bootstrap CI) when samples exist.
 NOISE_TESTED_KINDS = ("timing", "normalised")
 VERDICTS = ("better", "worse", "same", "unknown", "changed")
+CHANGED_VERDICTS = ("better", "worse", "changed")
 FORMATS = ("markdown", "csv", "json")
 
 
@@ -613,6 +615,15 @@ class CompareResult:
     notes: tuple[str, ...] = ()
     rules: Rules | None = field(default=None, repr=False)
 
+    def changed_only(self) -> CompareResult:
+        """Only the rows whose verdict is better, worse or changed (`compare --changed`); counts stay whole
+        in a note so the reader knows what was left out."""
+        keep = self.table["verdict"].isin(CHANGED_VERDICTS)
+        counts = self.counts()
+        note = (f"--changed: {int(keep.sum())} of {len(self.table)} rows shown ("
+                + ", ".join(f"{v}: {counts[v]}" for v in VERDICTS) + ")")
+        return dataclasses.replace(self, table=self.table[keep].reset_index(drop=True), notes=(*self.notes, note))
+
     def counts(self) -> dict[str, int]:
         counts = self.table["verdict"].value_counts()
         return {v: int(counts.get(v, 0)) for v in VERDICTS}
@@ -659,8 +670,8 @@ class CompareResult:
             lines.append(f"- {md(note)}")
         if self.notes:
             lines.append("")
-        headers = ["cell", "metric", "stat", "base", "cand", "ratio", "95% CI", "p", "verdict", "note"]
-        body = [[r["cell"], r["metric"], r["stat"], fmt_value(r["base"]), fmt_value(r["cand"]),
+        headers = ["cell", "metric", "stat", "unit", "base", "cand", "ratio", "95% CI", "p", "verdict", "note"]
+        body = [[r["cell"], r["metric"], r["stat"], r["unit"], fmt_value(r["base"]), fmt_value(r["cand"]),
                  fmt_ratio(r["ratio"]), fmt_ci(r["ci_low"], r["ci_high"]), fmt_p(r["p_value"]),
                  r["verdict"], r["note"]] for r in self.table.to_dict("records")]
         lines += markdown_table(headers, body) if body else ["(no metrics in common)"]

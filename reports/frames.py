@@ -5,7 +5,6 @@ Every frame here is a pure function of a RunData; the charts and tables only dra
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +12,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from loopscope.bench.errors import LoopscopeError
 
 DENSE_FAMILY = "gpt"
 FAMILY_ORDER: tuple[str, ...] = ("gpt", "parcae", "rdm", "looped", "ut")
@@ -72,45 +69,15 @@ class RunData:
 
 
 def load_run(run_dir: Path) -> RunData:
-    """Read a run directory; a missing or unreadable part is a LoopscopeError naming the path.
+    """Read a run directory through the one reader (rundir.read_run_dir); a missing or unreadable part
+    is a LoopscopeError naming the path. Cell records are the source of truth; a run dir that only
+    has results.parquet (copied from elsewhere) is read from that, without the per-cell records."""
+    from loopscope.reports.rundir import normalise_results, normalise_samples, read_run_dir
 
-    Cell records (cells/*.json) are the source of truth; a run dir that only has results.parquet
-    (copied from elsewhere) is read from that, without the per-cell records.
-    """
-    run_dir = Path(run_dir)
-    manifest_path = run_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise LoopscopeError(f"{run_dir}: not a loopscope run directory (no manifest.json)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as err:
-        raise LoopscopeError(f"{manifest_path}: unreadable ({err})") from None
-    from loopscope.bench.schema import RESULT_COLUMNS, SAMPLE_COLUMNS
-    from loopscope.bench.store import RunStore
-
-    store = RunStore(run_dir)
-    cells = store.read_cells()
-    if cells:
-        results, samples = store.tables()
-    else:
-        results = _read_parquet(run_dir / "results.parquet", RESULT_COLUMNS)
-        samples = _read_parquet(run_dir / "samples.parquet", SAMPLE_COLUMNS)
-    for col in ("stat", "source", "reason"):
-        results[col] = results[col].fillna("").astype(str)
-    return RunData(run_dir, manifest, results, samples, cells)
-
-
-def _read_parquet(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    if not path.is_file():
-        return pd.DataFrame(columns=list(columns))
-    try:
-        df = pd.read_parquet(path)
-    except (OSError, ValueError) as err:
-        raise LoopscopeError(f"{path}: unreadable ({err})") from None
-    for col in columns:
-        if col not in df.columns:
-            df[col] = np.nan
-    return df
+    files = read_run_dir(run_dir)
+    where = str(files.path)
+    return RunData(files.path, files.manifest, normalise_results(files.results, where=where),
+                   normalise_samples(files.samples, where=where), files.cells)
 
 
 def _cell_frame(run: RunData) -> pd.DataFrame:
@@ -182,6 +149,15 @@ def at_training_loops(quality: pd.DataFrame) -> pd.DataFrame:
     closest = q.groupby("model")["_gap"].transform("min")
     q = q[q["_gap"] == closest]
     return q.sort_values(["model", "value"]).drop_duplicates("model").drop(columns="_gap")
+
+
+def at_training_loops_per_cell(quality: pd.DataFrame) -> pd.DataFrame:
+    """The rows at each model's training mean loops (or the evaluated T closest to it), every seed and
+    learning rate kept (at_training_loops keeps one row per model)."""
+    if quality.empty:
+        return quality
+    gap = (quality["loops_test"].astype(float) - quality["loops_train"].astype(float)).abs().fillna(0.0)
+    return quality[gap == gap.groupby(quality["model"]).transform("min")]
 
 
 def train_record(run: RunData, eval_cell_id: str) -> dict[str, Any] | None:
@@ -274,12 +250,28 @@ def energy_frame(run: RunData) -> tuple[pd.DataFrame, list[str]]:
     return measured, why
 
 
+def row_label(row: pd.Series) -> str:
+    """A readable cell name from a result row's axes (for runs read without cell records)."""
+    parts = [str(row.get("workload", "")), str(row.get("model", "")), str(row.get("backend", ""))]
+    if pd.notna(row.get("loops_test")):
+        parts.append(f"T={int(row['loops_test'])}")
+    if pd.notna(row.get("batch")) and pd.notna(row.get("seq_len")):
+        parts.append(f"b{int(row['batch'])}x{int(row['seq_len'])}")
+    if row.get("dtype") and str(row.get("dtype")) != "float32":
+        parts.append(str(row["dtype"]))
+    return " ".join(p for p in parts if p and p != "nan")
+
+
 def mfu_frame(run: RunData) -> pd.DataFrame:
-    """MFU per cell (finite only), with the cell's label."""
+    """MFU per cell (finite only), with the cell's label (or one made from its axes)."""
     m = run.metric("mfu")
     if m.empty:
         return m
-    return _with_cell_axes(m[np.isfinite(m["value"])], run)
+    out = _with_cell_axes(m[np.isfinite(m["value"])], run)
+    made = [row_label(r) for _, r in out.iterrows()]
+    out["label"] = [lab if isinstance(lab, str) and lab and lab != cid else alt
+                    for lab, cid, alt in zip(out["label"], out["cell_id"], made, strict=True)]
+    return out
 
 
 # --- stability -----------------------------------------------------------------------------------
@@ -332,6 +324,8 @@ def stability_frame(run: RunData) -> pd.DataFrame:
     norms = run.samples[run.samples["metric"] == "state_norm_last_loop"].sort_values(["cell_id", "index"])
     growth = norms.groupby("cell_id")["value"].agg(lambda v: v.iloc[-1] / v.iloc[0] if v.iloc[0] > 0 else np.nan)
     out["state_norm_growth"] = out["cell_id"].map(growth)
+    seeds = res.drop_duplicates("cell_id").set_index("cell_id")["seed"] if "seed" in res.columns else {}
+    out["seed"] = out["cell_id"].map(seeds) if len(seeds) else np.nan
     best = out[out["status"] == "ok"].groupby("model")["train_loss"].min()
     degraded = (out["status"] == "ok") & (out["train_loss"] > DEGRADED_FACTOR * out["model"].map(best))
     out["outcome"] = out["status"].map({"ok": "converged", "diverged": "diverged"}).fillna(out["status"])
@@ -485,13 +479,17 @@ def matched_pairs(run: RunData, kind: str) -> pd.DataFrame:
                                "match ratio": lk / dk}
         if kind == "iso-memory":
             row["context"] = lm.context
+        # bpb is only compared within one training recipe (groups.py); speeds share one measured setting.
+        same_recipe = outcomes.get((lm.model, "recipe")) == outcomes.get((best.model, "recipe"))
         for name in ("bpb", "prefill tokens/s", "decode tokens/s"):
             a = outcomes.get((lm.model, name), math.nan)
             b = outcomes.get((best.model, name), math.nan)
             if math.isnan(a) and math.isnan(b):
                 continue
             row[f"looped {name}"], row[f"dense {name}"] = a, b
-            row[f"{name} ratio"] = a / b if b else math.nan
+            row[f"{name} ratio"] = a / b if b and (name != "bpb" or same_recipe) else math.nan
+            if name == "bpb" and not same_recipe:
+                row["bpb compared"] = "no: trained on different recipes"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -499,10 +497,16 @@ def matched_pairs(run: RunData, kind: str) -> pd.DataFrame:
 def _model_outcomes(run: RunData) -> dict[tuple[str, str], float]:
     """(model, outcome) -> value: bpb at training loops; prefill/decode tokens/s of the torch backend
     on the device/batch/context shared by most models, at training loops (looped) or as is (dense)."""
-    out: dict[tuple[str, str], float] = {}
-    q = at_training_loops(quality_frame(run))
-    for _, r in q.iterrows():
-        out[(r["model"], "bpb")] = float(r["value"])
+    from loopscope.reports import groups
+
+    out: dict[tuple[str, str], Any] = {}
+    scores = groups.model_scores(groups.quality_groups(run))
+    if not scores.empty:
+        main = groups.main_group(scores)
+        scores = scores.assign(_main=scores["group_key"] != main).sort_values("_main", kind="stable")
+        for _, r in scores.drop_duplicates("model").iterrows():  # a model's main-group mean over seeds
+            out[(r["model"], "bpb")] = float(r["bpb"])
+            out[(r["model"], "recipe")] = r["group_key"]
     speed = speed_frame(run)
     if speed.empty:
         return out

@@ -22,9 +22,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from loopscope.bench.errors import LoopscopeError
 from loopscope.bench.matrix import DEFAULTS
-from loopscope.bench.store import atomic_write_text
+from loopscope.bench.store import atomic_write_bytes, atomic_write_text
+from loopscope.reports import validity
 from loopscope.reports.charts import CHARTS, Chart, Omitted, human_bytes, si
+from loopscope.reports.findings import all_findings
 from loopscope.reports.frames import RunData, load_run
 from loopscope.reports.profile_charts import PROFILE_CHARTS, traced
 from loopscope.reports.profile_tables import PROFILE_TABLES
@@ -155,6 +158,9 @@ def _calibration_text(cal: dict) -> str:
     bw = cal.get("mem_bw_bytes_per_s")
     if isinstance(bw, (int, float)) and math.isfinite(bw):
         parts.append(f"memory bandwidth {bw / 1e9:.3g} GB/s")
+    probes = cal.get("probes")
+    if isinstance(probes, int) and probes > 1:
+        parts.append(f"the best of {probes} probes spread over the run (MFU is against these peaks)")
     return ", ".join(parts)
 
 
@@ -174,7 +180,8 @@ def _training_text(settings: dict, cells: pd.DataFrame) -> str:
                  else "AdamW")
     budget = (f"{train['tokens_per_param']:g} tokens/param" if train.get("tokens_per_param")
               else f"{train['flops']:.3g} FLOPs (iso-FLOP)" if train.get("flops") else f"{train['tokens']:,} tokens")
-    return (f"{budget} per model, same data order and seed; {optimizer}, trapezoid schedule (warm-up "
+    return (f"{budget} per model and training seed (a seed fixes the initialisation and the data order, "
+            f"the same for every model); {optimizer}, trapezoid schedule (warm-up "
             f"{train['warmup_frac']:g}, cool-down {train['cooldown_frac']:g} of the steps), grad clip "
             f"{train['grad_clip']:g}, weight decay {train['weight_decay']:g}")
 
@@ -202,43 +209,74 @@ def draw_charts(run: RunData, charts_dir: Path) -> list[DrawnChart | Omitted]:
     # "Where the time goes" (profile charts) only for traced runs
     for make in CHARTS + QUALITY_CHARTS + (PROFILE_CHARTS if traced(run) else ()):
         try:
-            chart = make(run)
+            # Names and labels come from users: `$` or `^` in a model name is text, never mathtext.
+            with plt.rc_context({"text.parse_math": False, "text.usetex": False}):
+                chart = make(run)
+                drawn = chart if isinstance(chart, Omitted) else DrawnChart(chart, _save(chart, charts_dir))
+        except (OSError, LoopscopeError):
+            plt.close("all")
+            raise  # a full disk is the run's problem, not one chart's
         except Exception as err:  # one broken chart must not cost the whole report
             traceback.print_exc(file=sys.stderr)
             name = make.__name__
             out.append(Omitted(name, name.replace("_", " "), f"could not be drawn: {type(err).__name__}: {err}"))
             plt.close("all")
             continue
-        if isinstance(chart, Omitted):
-            out.append(chart)
-            continue
-        out.append(DrawnChart(chart, _save(chart, charts_dir)))
+        if isinstance(drawn, Omitted):
+            for suffix in (".png", ".svg"):  # a chart left out now must not be read from an older report
+                (charts_dir / f"{drawn.name}{suffix}").unlink(missing_ok=True)
+        out.append(drawn)
     return out
 
 
 def _save(chart: Chart, charts_dir: Path) -> bytes:
     fig = chart.figure
-    fig.savefig(charts_dir / f"{chart.name}.png", dpi=PNG_DPI, bbox_inches="tight")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
-    plt.close(fig)
+    if fig._suptitle is None:  # a chart shared alone keeps its context
+        fig.suptitle(chart.title, fontsize=11, fontweight="bold", y=1.0, va="bottom")
+    try:
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=PNG_DPI, bbox_inches="tight")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    finally:
+        plt.close(fig)
     svg = buf.getvalue()
-    (charts_dir / f"{chart.name}.svg").write_bytes(svg)
+    atomic_write_bytes(charts_dir / f"{chart.name}.png", png.getvalue())
+    atomic_write_bytes(charts_dir / f"{chart.name}.svg", svg)
     return svg
 
 
 # --- the two documents -----------------------------------------------------------------------------
 
 
-def write_report(run_dir: Path) -> dict[str, Path]:
+def load_checked(run_dir: Path) -> RunData:
+    """The run, with MFU against its best calibration probe and a `validity` flag on every row."""
     run = load_run(Path(run_dir))
+    run.results = validity.annotate(run.results, run.manifest)
+    return run
+
+
+def findings_json(run_dir: Path) -> dict[str, Any]:
+    """The findings for machines (`loopscope report --format json`)."""
+    run = load_checked(run_dir)
+    flagged = run.results[run.results["validity"] != validity.OK]
+    return {"run_id": run.manifest.get("run_id", run.run_dir.name),
+            "findings": [f.as_dict() for f in all_findings(run)],
+            "invalid_rows": [{"cell_id": r["cell_id"], "metric": r["metric"], "stat": r["stat"],
+                              "value": None if not np.isfinite(r["value"]) else float(r["value"]),
+                              "validity": r["validity"]} for _, r in flagged.iterrows()]}
+
+
+def write_report(run_dir: Path) -> dict[str, Path]:
+    run = load_checked(Path(run_dir))
     title = f"loopscope report: {run.manifest.get('run_id', run.run_dir.name)}"
     header = header_items(run)
+    found = [f.text for f in all_findings(run)]
     charts = draw_charts(run, run.run_dir / "charts")
     tables = [(spec, spec.make(run)) for spec in TABLES + (PROFILE_TABLES if traced(run) else ())]
     md_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
-    atomic_write_text(md_path, render_markdown(title, header, charts, tables))
-    atomic_write_text(html_path, render_html(title, header, charts, tables))
+    atomic_write_text(md_path, render_markdown(title, header, charts, tables, found))
+    atomic_write_text(html_path, render_html(title, header, charts, tables, found))
     return {"md": md_path, "html": html_path}
 
 
@@ -246,8 +284,11 @@ def _anchor(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def render_markdown(title: str, header: list[tuple[str, str]], charts: list, tables: list) -> str:
+def render_markdown(title: str, header: list[tuple[str, str]], charts: list, tables: list,
+                    found: list[str] | None = None) -> str:
     md = [f"# {md_escape(title)}", ""]
+    if found:
+        md += ["## Findings", ""] + [f"- {md_escape(text)}" for text in found] + ["", "## Run", ""]
     md += [f"- **{md_escape(k)}**: {md_escape(v)}" for k, v in header]
     md += ["", "## Charts", ""]
     for item in charts:
@@ -276,8 +317,13 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def render_html(title: str, header: list[tuple[str, str]], charts: list, tables: list) -> str:
-    body = [f"<h1>{html_escape(title)}</h1>", "<dl class='header'>"]
+def render_html(title: str, header: list[tuple[str, str]], charts: list, tables: list,
+                found: list[str] | None = None) -> str:
+    body = [f"<h1>{html_escape(title)}</h1>"]
+    if found:
+        body.append("<section id='findings'><h2>Findings</h2><ul class='findings'>"
+                    + "".join(f"<li>{html_escape(text)}</li>" for text in found) + "</ul></section><h2>Run</h2>")
+    body.append("<dl class='header'>")
     body += [f"<dt>{html_escape(k)}</dt><dd>{html_escape(v)}</dd>" for k, v in header]
     body.append("</dl>")
     toc = [f"<li><a href='#{_anchor(i.chart.title)}'>{html_escape(i.chart.title)}</a></li>"
@@ -326,7 +372,9 @@ _STYLE = (
     "dl.header{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px}"
     "dt{font-weight:600}dd{margin:0}nav ol{columns:2;font-size:14px}"
     "figure{margin:1.5em 0 2.5em}img{max-width:100%;min-width:min(100%,720px);height:auto}"
-    "figcaption{color:#333;font-size:14px;max-width:900px}.omitted,.empty,.note{color:#666;font-size:14px}"
+    "ul.findings{font-size:15px;background:#f7f9fc;border-left:4px solid #4a78b5;padding:0.6em 1.2em 0.6em 2em}"
+    "ul.findings li{margin:0.3em 0}figcaption{color:#333;font-size:14px;max-width:900px}"
+    ".omitted,.empty,.note{color:#666;font-size:14px}"
     ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12.5px;margin:0.5em 0 1.5em}"
     "td,th{border:1px solid #ccc;padding:3px 7px}th{background:#f3f3f3;text-align:left}"
     "td.num{text-align:right;font-variant-numeric:tabular-nums}td.txt{text-align:left}"

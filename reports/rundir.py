@@ -1,7 +1,12 @@
-"""Load a run directory (manifest.json, results.parquet, samples.parquet) into DataFrames.
+"""The one reader of a run directory (manifest.json, cells/*.json, results.parquet, samples.parquet).
 
-Compare and gate read runs only through `load_run`, so every way a run can be unusable is reported
-here, once, as an `UnusableRunError` whose one-line message names the path (and key) at fault.
+`read_run_dir` is used by report (frames.load_run), compare and gate (load_run) alike, so they agree
+on what a run holds, and every way a run can be unusable is reported here, once, as an
+`UnusableRunError` whose one-line message names the path (and key) at fault.
+
+What to trust: the cell records (cells/*.json, written atomically, one per finished cell) are the
+source of truth, restricted to the cells of the manifest's matrix; results.parquet (or .csv) and
+samples.parquet are read only for a directory without cell records (copied tables, importers).
 A pytest-benchmark JSON file is accepted wherever a run directory is (see pytest_benchmark.py).
 """
 
@@ -19,7 +24,7 @@ import pandas as pd
 
 from loopscope.bench.errors import LoopscopeError
 from loopscope.bench.schema import RESULT_COLUMNS, SAMPLE_COLUMNS
-from loopscope.bench.store import RunStore
+from loopscope.bench.store import BadCellFileError, RunStore, tables_from_records
 
 # The axes that define a cell; two runs' cells are the same cell when these agree (and usually the
 # cell_id agrees too, since it hashes the cell definition).
@@ -72,6 +77,49 @@ class RunData:
         return cell_table(self.results)
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """A run directory as read: the manifest, the tidy tables, the cell records behind them (empty for
+    a directory that has only tables) and notes on what was read from where."""
+
+    path: Path
+    manifest: dict[str, Any]
+    results: pd.DataFrame
+    samples: pd.DataFrame
+    cells: dict[str, dict[str, Any]]
+    notes: tuple[str, ...] = ()
+
+
+def read_run_dir(path: str | Path) -> RunFiles:
+    """Read a run directory (see the module's docstring for what is trusted first)."""
+    path = Path(path)
+    if not path.exists():
+        raise UnusableRunError(f"{path}: no such run directory")
+    if not path.is_dir():
+        raise UnusableRunError(f"{path}: not a run directory (nor a pytest-benchmark .json file)")
+    manifest = read_manifest(path / "manifest.json")
+    ids = manifest.get("cell_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids)):
+        raise UnusableRunError(f"{path / 'manifest.json'}: key 'cell_ids' is not a list of cell ids")
+    try:
+        records = RunStore(path).read_cells(None if ids is None else set(ids), strict=True)
+    except BadCellFileError as err:
+        raise UnusableRunError(str(err)) from None
+    if records:
+        results, samples = tables_from_records(records)
+        notes: tuple[str, ...] = ()
+        if RunStore(path).tables_stale(set(records)):
+            notes = (f"{path}: tables absent or older than the cell files (unfinished run?); tables rebuilt "
+                     f"from {path / 'cells'}",)
+        return RunFiles(path, manifest, results, samples, records, notes)
+    if not _has_tables(path) and (path / "cells").is_dir():
+        raise UnusableRunError(f"{path / 'results.parquet'}: missing, and {path / 'cells'} holds no "
+                               "finished cell")
+    results = read_results(path)
+    samples, notes = read_samples(path)
+    return RunFiles(path, manifest, results, samples, {}, notes)
+
+
 def load_run(path: str | Path) -> RunData:
     """Read a run directory, or a pytest-benchmark JSON file, into a `RunData`."""
     path = Path(path)
@@ -79,17 +127,8 @@ def load_run(path: str | Path) -> RunData:
         from loopscope.reports.pytest_benchmark import read_pytest_benchmark  # avoids an import cycle
 
         return read_pytest_benchmark(path)
-    if not path.exists():
-        raise UnusableRunError(f"{path}: no such run directory")
-    if not path.is_dir():
-        raise UnusableRunError(f"{path}: not a run directory (nor a pytest-benchmark .json file)")
-    manifest = read_manifest(path / "manifest.json")
-    if _has_tables(path) or not (path / "cells").is_dir():
-        results = read_results(path)
-        samples, notes = read_samples(path)
-    else:
-        results, samples, notes = read_cell_files(path)
-    return make_run_data(path, manifest, results, samples, notes)
+    files = read_run_dir(path)
+    return make_run_data(path, files.manifest, files.results, files.samples, files.notes)
 
 
 def make_run_data(path: Path, manifest: dict[str, Any], results: pd.DataFrame,
@@ -145,16 +184,6 @@ def read_samples(run_dir: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
 
 def _has_tables(run_dir: Path) -> bool:
     return (run_dir / "results.parquet").exists() or (run_dir / "results.csv").exists()
-
-
-def read_cell_files(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, tuple[str, ...]]:
-    """The run store's per-cell files, for a run stopped before it wrote its tables."""
-    results, samples = RunStore(run_dir).tables()
-    if results.empty:
-        raise UnusableRunError(f"{run_dir / 'results.parquet'}: missing, and {run_dir / 'cells'} holds no "
-                               f"finished cell")
-    note = f"{run_dir}: results.parquet absent (unfinished run?); tables rebuilt from {run_dir / 'cells'}"
-    return results, samples, (note,)
 
 
 def _read_table(path: Path) -> pd.DataFrame:

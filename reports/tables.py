@@ -12,15 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from loopscope.reports import frames
+from loopscope.reports import frames, groups, validity
 from loopscope.reports.fits import fit_saturation, overthinking
 from loopscope.reports.frames import DENSE_FAMILY, RunData
 
 REASON_CHARS = 160
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "family", "model", "params (unique)", "params (non-embedding)", "training loops", "effective depth",
-    "train loss (nats)", "bpb", "bpb at T", "best prefill tokens/s", "best decode tokens/s",
-    "peak memory (prefill)", "cells ok",
+    "train loss (nats)", "bpb", "bpb seed std", "seeds", "bpb at T", "recipe group", "best prefill tokens/s",
+    "best decode tokens/s", "peak memory (prefill)", "cells ok",
 )
 
 
@@ -41,8 +41,11 @@ def summary_table(run: RunData) -> pd.DataFrame:
         return _empty("the run has no cells")
     res = run.results
     first = res.drop_duplicates("model").set_index("model") if not res.empty else pd.DataFrame()
-    quality = frames.at_training_loops(frames.quality_frame(run)).set_index("model") \
-        if not run.metric("bpb").empty else pd.DataFrame()
+    scores = groups.model_scores(groups.quality_groups(run)) if not run.metric("bpb").empty else pd.DataFrame()
+    if not scores.empty:  # a model in several recipe groups: its main group's score
+        main = groups.main_group(scores)
+        scores = scores.assign(_m=scores["group_key"] != main).sort_values("_m", kind="stable")
+    quality = scores.drop_duplicates("model").set_index("model") if not scores.empty else pd.DataFrame()
     speed = frames.speed_frame(run)
     rows = []
     for model, g in cells.groupby("model", sort=False):
@@ -66,8 +69,11 @@ def summary_table(run: RunData) -> pd.DataFrame:
             row["train loss (nats)"] = float(train["value"].min())
         if model in quality.index:
             q = quality.loc[model]
-            row["bpb"] = float(q["value"])
+            row["bpb"] = float(q["bpb"])
+            row["bpb seed std"] = float(q["bpb_seed_std"])
+            row["seeds"] = int(q["n_seeds"])
             row["bpb at T"] = _loops(q["loops_test"])
+            row["recipe group"] = q["group"]
         if not speed.empty:
             for workload in ("prefill", "decode"):
                 s = speed[(speed["model"] == model) & (speed["workload"] == workload)]
@@ -87,20 +93,57 @@ def summary_table(run: RunData) -> pd.DataFrame:
 
 def quality_table(run: RunData) -> pd.DataFrame:
     """Held-out bits per byte of every eval cell."""
-    q = frames.quality_frame(run)
+    q = groups.quality_groups(run)
     if q.empty:
         return _empty("no eval cell finished")
-    q = q.sort_values(["model", "loops_test", "lr"])
+    q = q.sort_values(["group", "model", "loops_test", "lr", "seed"])
     out = pd.DataFrame({
-        "model": q["model"], "family": q["family"], "lr": q["lr"],
-        "training loops": q["loops_train"].map(_loops), "test loops T": q["loops_test"].map(_loops),
-        "bpb": q["value"], "bpb std (seeds)": q["bpb_std"], "how": q["source"],
+        "recipe group": q["group"], "model": q["model"], "family": q["family"], "lr": q["lr"],
+        "training seed": q["seed"], "training loops": q["loops_train"].map(_loops),
+        "test loops T": q["loops_test"].map(_loops), "bpb": q["value"], "bpb std (h0 draws)": q["bpb_std"],
+        "how": q["source"],
     })
     if out["lr"].nunique() <= 1:
         out = out.drop(columns="lr")
-    if out["bpb std (seeds)"].isna().all():
-        out = out.drop(columns="bpb std (seeds)")
+    if out["bpb std (h0 draws)"].isna().all():
+        out = out.drop(columns="bpb std (h0 draws)")
+    if out["recipe group"].nunique() <= 1:
+        out = out.drop(columns="recipe group")
     return out.reset_index(drop=True)
+
+
+def seed_table(run: RunData) -> pd.DataFrame:
+    """Per recipe group and model: bpb mean, std and 95% interval over training seeds, at the training loops."""
+    scores = groups.model_scores(groups.quality_groups(run))
+    if scores.empty:
+        return _empty("no eval cell finished")
+    return pd.DataFrame({
+        "recipe group": scores["group"], "model": scores["model"], "family": scores["family"],
+        "params (unique)": scores["params_unique"], "T": scores["loops_test"].map(_loops),
+        "training seeds": scores["n_seeds"], "bpb mean": scores["bpb"], "bpb std (seeds)": scores["bpb_seed_std"],
+        "95% CI ±": scores["bpb_ci95"], "bpb std (h0 draws)": scores["bpb_h0_std"],
+        "per seed": [", ".join(f"{v:.4f}" for v in vals) for vals in scores["seed_values"]],
+    })
+
+
+def validity_table(run: RunData) -> pd.DataFrame:
+    """Rows that cannot be taken at face value: impossible values, a busy or throttled machine."""
+    if "validity" not in run.results.columns:
+        return _empty("validity was not checked")
+    bad = run.results[run.results["validity"] != validity.OK]
+    if bad.empty:
+        return _empty("every row is valid: no MFU above 100%, no bandwidth above the calibrated copy rate, no "
+                      "busy or throttled cell recorded")
+    cells = run.cell_frame()
+    labels = cells.set_index("cell_id")["label"] if not cells.empty else pd.Series(dtype=str)
+    rows = []
+    for (cid, flag), g in bad.groupby(["cell_id", "validity"], sort=False):
+        label = labels.get(cid, cid)
+        rows.append({"cell": frames.row_label(g.iloc[0]) if label == cid else label, "flag": flag,
+                     "metrics": ", ".join(dict.fromkeys(f"{m}" + (f" ({st})" if st else "") + (
+                         f" = {v * 100:.3g}%" if m == "mfu" else "") for m, st, v in
+                         zip(g["metric"], g["stat"], g["value"], strict=True)))})
+    return pd.DataFrame(rows)
 
 
 def loop_fit_table(run: RunData) -> pd.DataFrame:
@@ -159,14 +202,16 @@ def throughput_table(run: RunData) -> pd.DataFrame:
     s = frames.speed_frame(run)
     if s.empty:
         return _empty("no prefill or decode cell finished")
+    flags = validity.cell_flags(run.results)
     out = pd.DataFrame({
         "device": s["device"], "workload": s["workload"], "model": s["model"], "backend": s["backend"],
         "dtype": s["dtype"], "batch": s["batch"], "seq len": s["seq_len"], "T": s["loops_test"].map(_loops),
         "kv policy": s["kv_policy"].fillna(""), "effective depth": s["effective_depth"],
         "tokens/s": s["value"], "CI low": s["ci_low"], "CI high": s["ci_high"],
         "latency p50 ms": s["latency_median_ms"], "latency p90 ms": s["latency_p90_ms"],
-        "latency p99 ms": s["latency_p99_ms"], "TTFT ms": s["ttft_median_ms"], "MFU": s["mfu"],
+        "latency p99 ms": s["latency_p99_ms"], "TTFT ms": s["ttft_median_ms"], "MFU %": s["mfu"] * 100,
         "peak memory": s["peak_mem_bytes"],
+        "validity": [flags.get(c, validity.OK) for c in s["cell_id"]],
     })
     out = out.loc[:, [c for c in out.columns if not (out[c].isna().all() or (out[c] == "").all())]]
     return out.sort_values(["device", "workload", "model", "backend", "effective depth"]).reset_index(drop=True)
@@ -191,7 +236,8 @@ def stability_table(run: RunData) -> pd.DataFrame:
         return _empty("the run has no train cells")
     proxy = st["spectral_radius"].combine_first(st["adapter_spectral_norm"])
     out = pd.DataFrame({
-        "family": st["family"], "model": st["model"], "lr": st["lr"], "outcome": st["outcome"],
+        "family": st["family"], "model": st["model"], "lr": st["lr"],
+        "training seed": st["seed"] if st["seed"].nunique() > 1 else np.nan, "outcome": st["outcome"],
         "diverged at step": st["diverged_step"], "final train loss": st["train_loss"],
         "loss spikes": st["loss_spikes"], "state gain (rho or adapter norm)": proxy,
         "state norm growth (x)": st["state_norm_growth"],
@@ -261,7 +307,10 @@ TABLES: tuple[TableSpec, ...] = (
               "Training FLOPs/token are analytic, at the training mean loops and backward loops."),
     TableSpec("Iso-memory: looped vs the dense model closest in weights + KV cache", iso_memory_table,
               "Inference memory = weights + per-loop KV cache of one sequence at the stated context."),
-    TableSpec("Quality (held-out bits per byte)", quality_table),
+    TableSpec("Quality over training seeds, per recipe group", seed_table,
+              "Models are compared only within one recipe group; a gap is a difference when it exceeds the "
+              "95% interval over training seeds."),
+    TableSpec("Quality (held-out bits per byte), every eval cell", quality_table),
     TableSpec("Test-time loop fits", loop_fit_table,
               "L(T) = L_inf + Z exp(-zT) fitted to bpb; overthinking = bpb rising beyond the training loops."),
     TableSpec("Throughput and latency per device", throughput_table),
@@ -272,6 +321,8 @@ TABLES: tuple[TableSpec, ...] = (
     TableSpec("Numba vs torch", numba_table),
     TableSpec("Numba performance targets", numba_targets_table,
               "Ratios measured side by side in one process; a missed target carries its measured breakdown."),
+    TableSpec("Validity flags", validity_table,
+              "A flagged row is shown but not trusted, and the regression gate refuses to judge on it."),
     TableSpec("Cells that did not finish", failed_table),
 )
 

@@ -124,7 +124,7 @@ def test_in_run_ratio_rows_are_derived_per_run(two_runs):
 def test_markdown_csv_json_outputs(two_runs, tmp_path):
     md = compare(*two_runs, fmt="markdown")
     assert md.startswith("## loopscope compare: `a` → `b`")
-    assert "| cell | metric | stat | base | cand | ratio | 95% CI | p | verdict | note |" in md
+    assert "| cell | metric | stat | unit | base | cand | ratio | 95% CI | p | verdict | note |" in md
     csv_text = compare(*two_runs, fmt="csv")
     df = pd.read_csv(io.StringIO(csv_text))
     assert {"cell", "metric", "stat", "base", "cand", "ratio", "ci_low", "ci_high", "verdict",

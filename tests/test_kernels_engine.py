@@ -279,3 +279,14 @@ def test_input_errors_are_explicit() -> None:
         engine.decode_step(np.zeros(1, np.int64), cache)
     with pytest.raises(ValueError, match="policy"):
         engine.new_cache(1, 8, policy="every-other")
+
+
+def test_engine_refuses_what_it_does_not_implement_in_one_line():
+    from loopscope.kernels.export import engine_refusal, export_model
+
+    assert engine_refusal(preset("parcae-micro")) is None and engine_refusal(preset("rdm-micro")) is None
+    for name, key in (("rdm-huginn-micro", "embed_scale"), ("looped-osu-micro", "mlp")):
+        why = engine_refusal(preset(name))
+        assert why is not None and key in why and "\n" not in why
+        with pytest.raises(NotImplementedError, match=key):
+            export_model(build(name, seed=0))

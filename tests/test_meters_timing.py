@@ -164,3 +164,22 @@ def test_cuda_path_uses_events_and_synchronizes(monkeypatch):
     assert result.timer == "cuda_event" and result.device == "cuda:0"
     assert result.summary.n == 6 and FakeEvent.synchronized == 2 + 6  # every call waited for its end event
     assert result.summary.median == pytest.approx(0.004, rel=0.5)
+
+
+def test_process_cpu_time_is_recorded_beside_wall_time():
+    def spin() -> None:
+        end = time.perf_counter() + 0.003
+        while time.perf_counter() < end:
+            pass
+
+    asleep = measure(lambda: time.sleep(0.01), min_time_s=0.0, min_count=5)
+    busy = measure(spin, min_time_s=0.0, min_count=5)
+    assert asleep.cpu_samples_s.shape == asleep.samples_s.shape
+    assert np.median(asleep.cpu_samples_s) < 0.5 * asleep.median_s  # sleeping costs no CPU time
+    assert np.median(busy.cpu_samples_s) > 0.0005  # spinning does (less than wall if the core is shared)
+    rows = {r["metric"]: r for r in busy.cpu_rows(units_per_call=100)}
+    assert set(rows) == {"cpu_latency_ms", "cpu_tokens_per_s"}
+    assert rows["cpu_tokens_per_s"]["value"] == pytest.approx(100 / (rows["cpu_latency_ms"]["value"] / 1e3))
+    assert "process_time_ns" in rows["cpu_latency_ms"]["source"]
+    metrics = {r["metric"] for r in busy.sample_rows()}
+    assert metrics == {"latency_ms", "cpu_latency_ms"}

@@ -148,3 +148,54 @@ def test_effective_depth_and_kv_bytes():
     assert kv_bytes_per_token(preset("gpt-tiny-l12")) == kv_bytes_per_token(cfg)  # iso-FLOP pair
     with pytest.raises(ValueError, match="policy"):
         kv_bytes_per_token(cfg, policy="ring")
+
+
+def test_flop_convention_under_the_default_sdpa_backend():
+    """The default CPU SDPA kernel has no FlopCounterMode formula (attention counts 0); registering the
+    model-FLOP formula (4 d S forward, 8 d S backward: no recompute, as PaLM's MFU) gives the formula."""
+    cfg = preset("parcae-micro")
+    model = build(cfg, seed=0)
+    model.train()
+    B, S = 2, 16
+    idx = torch.randint(0, 256, (B, S))
+    aten = torch.ops.aten
+    fwd_op = aten._scaled_dot_product_flash_attention_for_cpu  # FlopCounterMode keys ops by overload packet
+    bwd_op = aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def attention_flops(q_shape, k_shape):
+        b, h, s_q, hd = q_shape
+        return 4 * b * h * s_q * k_shape[2] * hd  # QK^T and AV, 2 FLOPs per multiply-add each
+
+    def fwd_formula(query, key, value, *args, **kwargs):  # FlopCounterMode passes shapes
+        return attention_flops(query, key)
+
+    def bwd_formula(grad_out, query, key, value, *args, **kwargs):
+        return 2 * attention_flops(query, key)  # dQ, dK, dV, dP: no recompute of QK^T
+
+    def count(mapping):
+        model.zero_grad()
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model(idx, loops=3).float().sum().backward()
+        return counter.get_total_flops() / idx.numel(), counter.get_flop_counts()
+
+    unregistered, counts = count({})
+    assert not any(fwd_op in ops or bwd_op in ops for ops in counts.values()), "default backend not in use"
+    k = min(3, cfg.mu_bwd)  # loops with gradient (truncated backprop)
+    attention = cfg.d_model * S * (4 * (cfg.n_prelude + 3 * cfg.n_core + cfg.n_coda)
+                                   + 8 * (cfg.n_prelude + k * cfg.n_core + cfg.n_coda))
+    model_flops = flops_per_token(cfg, S, 3, mode="train")
+    assert unregistered == model_flops - attention  # attention silently counted as 0
+    registered, counts = count({fwd_op: fwd_formula, bwd_op: bwd_formula})
+    assert any(fwd_op in ops for ops in counts.values())
+    assert registered == model_flops
+
+
+@pytest.mark.parametrize("name", ["rdm-huginn-micro", "looped-osu-micro"])
+def test_accounting_of_the_official_variants(name):
+    """q/k bias, LayerNorm and linear biases are stored parameters; SwiGLU and GELU are counted matmuls."""
+    cfg = preset(name)
+    model = build(cfg, seed=0)
+    model.train()
+    assert sum(p.numel() for p in model.parameters()) == param_counts(cfg).unique
+    idx = torch.randint(0, 256, (2, 16))
+    assert _measured_flops(model, idx, 3, train=True) == flops_per_token(cfg, 16, 3, mode="train")

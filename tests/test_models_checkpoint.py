@@ -77,6 +77,8 @@ def _official_config(cfg) -> dict:
         "state_init": "like-init", "recurrent_embedding_dimension": cfg.d_model, "prelude_norm": True,
         "sampling_scheme": "poisson-truncated-full", "mean_recurrence": cfg.mu_rec,
         "mean_backprop_depth": cfg.mu_bwd, "tie_embeddings": True, "model_class_name": "Parcae",
+        "nonlin_name": "ReLU2", "norm_class_name": "RMSNorm", "mlp_class_name": "BaseMLP",
+        "block_class_name": "TransformerPreNormBlock", "init_strategy": "scaled-zero",
     }
 
 

@@ -94,3 +94,20 @@ def test_parcae_init_matches_the_paper():
         assert not block.attn.o.weight.any() and not block.mlp.proj.weight.any()
     std = model.wte.weight.std().item()
     assert abs(std - (2 / (5 * 64)) ** 0.5) < 0.2 * std
+
+
+def test_fields_added_later_are_written_only_when_set():
+    """Cell ids hash the config dict: fields added after them must not change the dict of configs that
+    leave them at their default."""
+    from loopscope.models.config import SPARSE_FIELDS
+
+    cfg = preset("parcae-micro")
+    assert not set(SPARSE_FIELDS) & set(cfg.to_dict())
+    huginn = preset("rdm-huginn-micro")
+    data = huginn.to_dict()
+    assert data["qk_norm"] is False and data["embed_scale"] == 8.0 and "clip_qkv" not in data
+    assert ModelConfig.from_dict(data) == huginn
+    with pytest.raises(ValueError, match="norm="):
+        ModelConfig("gpt", n_layers=2, norm="batchnorm")
+    with pytest.raises(ValueError, match="loops_min"):
+        ModelConfig("looped", n_core=1, loops_min=3, loops_max=2)

@@ -33,3 +33,29 @@ def test_matched_table_pairs_and_labels():
     # the per-loop KV cache grows with context: at long context parcae-140m is no longer iso-memory
     long = matched_table(context=8192)
     assert not ((long["match"] == "iso-memory") & (long["looped"] == "parcae-140m")).any()
+
+
+def test_models_table_names_each_difference_from_the_official_model():
+    from loopscope.models.listing import fidelity_flags, models_table
+
+    table = models_table().set_index("preset")
+    assert table.loc["rdm-huginn-micro", "fidelity"] == "-"
+    assert "QK-norm on (Huginn: off)" in table.loc["rdm-micro", "fidelity"]
+    assert "no sqrt(d) embedding scale" in table.loc["rdm-micro", "fidelity"]
+    assert "answer token only" in table.loc["looped-osu-micro", "fidelity"]
+    assert fidelity_flags(preset("rdm-micro").replace(injection="add", sandwich_norm=False))[-2:] == [
+        "add injection (Huginn: concat)", "no sandwich norms (Huginn: on)"]
+    assert not any("attention mixture" in p.lower() or "dram" in p.lower() for p in table.index)
+
+
+def test_looped_families_share_one_loop_skeleton():
+    import inspect
+
+    from loopscope.models.looped import Looped
+    from loopscope.models.parcae import Parcae
+    from loopscope.models.rdm import RDM
+    from loopscope.models.recurrence import LoopedLM
+
+    for cls in (Parcae, RDM, Looped):
+        assert issubclass(cls, LoopedLM) and "forward" not in vars(cls)
+        assert "run_loops" not in inspect.getsource(inspect.getmodule(cls))

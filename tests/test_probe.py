@@ -77,3 +77,28 @@ def test_baselines_count_the_start_letter_shortcut():
     echo = baselines(examples)["echo start"]
     # x lies on a cycle of length L with probability 1/5 for each L: k=1 -> 1/5, k=2 -> 2/5, k=3 -> 2/5
     assert echo == pytest.approx(1 / 3, abs=0.03)
+
+
+def test_multihop_probe_composes_parametric_facts_and_tests_more_hops():
+    from loopscope.bench.probe import MultiHopSpec, probe_corpus
+
+    spec = MultiHopSpec(entities=5, relations=2, train_hops=2, test_hops=5, train_examples=400, test_examples=300)
+    graph = spec.graph()
+    train, test = spec.splits()
+    for ex in train + test:  # every answer is the chain applied to the entity
+        head, answer = ex.rstrip("\n").split("=")
+        x = head[0]
+        for r in head[1:]:
+            x = graph[r][x]
+        assert x == answer
+    assert max(parse_example(ex)[2] for ex in train) == 2
+    assert max(parse_example(ex)[2] for ex in test) == 5  # hops beyond training: depth extrapolation
+    facts = {f"{e}{r}={graph[r][e]}\n" for r in "AB" for e in "abcde"}
+    assert facts <= set(train)  # every 1-hop fact is trained on
+    assert baselines(test)["chance"] == pytest.approx(1 / 5)
+    c = load_corpus("probe:multihop?entities=5&relations=2&train_hops=2&test_hops=5&train=400&test=300")
+    assert len(c.probe_test) == 300 and "parametric facts" in c.description
+    with pytest.raises(ConfigError, match="train_hops <= test_hops"):
+        load_corpus("probe:multihop?train_hops=4&test_hops=2")
+    with pytest.raises(ValueError, match="unknown probe"):
+        probe_corpus("probe:nope")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loopscope.reports.gate import gate
+from loopscope.reports.gate import gate, gate_runs
 from loopscope.reports.pytest_benchmark import (
     benchmark_stats,
     export_pytest_benchmark,
@@ -91,13 +91,16 @@ def test_export_then_import_gives_back_the_run(tmp_path):
     assert len(load_run(imported).results) == len(original.results)
 
 
-def test_gate_on_two_exported_files(tmp_path):
-    a = _exported(tmp_path, "a", seed=0)
-    a2 = _exported(tmp_path, "a2", seed=1)
-    slow = _exported(tmp_path, "slow", seed=2, slowdown={3: 1.25})
-    assert gate(a, a2).exit_code == 0
-    result = gate(a, slow)
+def test_gate_on_exported_files_judges_several_per_side_and_one_per_side_as_unresolved(tmp_path):
+    a = [_exported(tmp_path, f"a{i}", seed=i) for i in range(3)]
+    a2 = [_exported(tmp_path, f"a2{i}", seed=10 + i) for i in range(3)]
+    slow = [_exported(tmp_path, f"slow{i}", seed=20 + i, slowdown={3: 1.25}) for i in range(3)]
+    assert gate_runs(a, a2).exit_code == 0
+    result = gate_runs(a, slow)
     assert result.exit_code == 1 and "latency_ms" in set(result.regressions["metric"])
+    single = gate(a[0], slow[0])  # one file per side: the noise floor is unknown, not p = 1e-12
+    assert single.exit_code == 0
+    assert "noise floor unknown" in single.render()
 
 
 def test_export_skips_timing_metrics_without_samples(tmp_path):
@@ -131,16 +134,20 @@ def _pytest_benchmark_json(tmp_path: Path, name: str, sleep_s: float) -> Path:
 
 
 def test_files_written_by_pytest_benchmark_gate_in_loopscope(tmp_path):
-    a1 = _pytest_benchmark_json(tmp_path, "a1", 0.001)
-    a2 = _pytest_benchmark_json(tmp_path, "a2", 0.001)
-    slow = _pytest_benchmark_json(tmp_path, "slow", 0.0015)
-    run = read_pytest_benchmark(a1)
+    # Each file is one pytest process: a process-level replicate. Written interleaved (A B A B ...), so a
+    # change in the machine's load lands on both sides; judged across the files of each side.
+    a, a2, slow = [], [], []
+    for i in range(3):
+        a.append(_pytest_benchmark_json(tmp_path, f"a{i}", 0.001))
+        a2.append(_pytest_benchmark_json(tmp_path, f"aa{i}", 0.001))
+        slow.append(_pytest_benchmark_json(tmp_path, f"slow{i}", 0.005))
+    run = read_pytest_benchmark(a[0])
     assert run.fingerprint["source"] == "pytest-benchmark machine_info"
     row = run.results.query("metric == 'latency_ms' and stat == 'median'")
     assert len(row) == 1 and row["model"].iloc[0].endswith("test_sleepy.py::test_sleep")
     assert run.samples_for(row["cell_id"].iloc[0], "latency_ms").size >= 30
-    assert gate(a1, a2).exit_code == 0, gate(a1, a2).render()
-    result = gate(a1, slow)
+    assert gate_runs(a, a2).exit_code == 0, gate_runs(a, a2).render()
+    result = gate_runs(a, slow)
     assert result.exit_code == 1, result.render()
     assert list(result.regressions["metric"]) == ["latency_ms"]
 

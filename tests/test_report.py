@@ -450,10 +450,11 @@ def test_readings_are_computed_from_the_data(tmp_path):
     charts = _charts(run)
     try:
         best = min(DENSE_BPB.values())
-        assert f"Lowest: gpt-micro-l6 at {best:.3f} bpb" in charts["bpb_vs_params"].reading
+        assert f"lowest: gpt-micro-l6 {best:.3f} bpb" in charts["bpb_vs_params"].reading
         loops = charts["bpb_vs_loops"].reading
-        assert f"fit L_inf={BPB_CURVE['parcae'][0]:.3f} Z={BPB_CURVE['parcae'][1]:.3g}" in loops
-        assert "rdm-micro" in loops and "OVERTHINKING" in loops and loops.count("OVERTHINKING") == 1
+        assert f"fit L_inf={BPB_CURVE['parcae'][0]:.3f}" in loops
+        # one training seed: the planted rise beyond the training loops is reported, not called overthinking
+        assert "rdm-micro" in loops and "overthinking" not in loops.lower() and "spread unknown" in loops
         assert "numba is faster on 2 of 3 ops (best rmsnorm 0.5x" in charts["numba_vs_torch"].reading
         assert "cuts parcae-micro T=4 from" in charts["memory_vs_context"].reading
         assert "(2.0x less)" in charts["memory_vs_context"].reading  # per-loop 4+2 vs last-loop 3 layers
@@ -558,7 +559,8 @@ def test_markdown_matches_the_html_content(full_report):
         assert f"(charts/{fn.__name__}.png)" in md
     for spec in tables.TABLES:
         assert report_module.md_escape(spec.title) in md and report_module.html_escape(spec.title) in page
-    assert md.count("OVERTHINKING") == page.count("OVERTHINKING") == 1
+    assert md.count("## Findings") == page.count("<h2>Findings</h2>") == 1
+    assert md.count("spread unknown") == page.count("spread unknown") >= 1
 
 
 def test_report_of_a_run_read_from_parquet_only(tmp_path):

@@ -1,11 +1,15 @@
 """Wall-clock timing of a callable: warm-up, then repeat until a minimum time AND a minimum count are met.
 
-CPU samples use `time.perf_counter_ns` around each call. On a CUDA device each call is bracketed by CUDA
-events and the end event is synchronised, so a sample is the device time of that call alone. Other async
-backends (numba-cuda on its own stream, for example) pass a `sync` hook that blocks until their work is done.
+CPU samples use `time.perf_counter_ns` around each call, and beside it `time.process_time_ns` (user + sys
+CPU time of this worker process): on a machine shared with other jobs, the CPU time a call consumed moves
+less than its wall time, which also counts the time the process waited for a core. On a CUDA device each
+call is bracketed by CUDA events and the end event is synchronised, so a sample is the device time of that
+call alone. Other async backends (numba-cuda on its own stream, for example) pass a `sync` hook that blocks
+until their work is done.
 
-The loop body does only two clock reads and one list append, so it adds well under 1% to a 10 ms call
-(tests/benchmarks/test_timing_overhead.py checks this). Statistics are computed lazily, after the loop.
+The loop body does four clock reads (wall and CPU, before and after) and two list appends, so it adds
+well under 1% to a 10 ms call (tests/benchmarks/test_timing_overhead.py checks this). Statistics are
+computed lazily, after the loop.
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ class TimingResult:
     warmup_calls: int
     device: str
     timer: str  # how samples were taken: "perf_counter_ns", "perf_counter_ns+sync" or "cuda_event"
+    cpu_samples_s: np.ndarray | None = None  # process CPU time (user + sys) per timed call; None on CUDA
+
+    @cached_property
+    def cpu_summary(self) -> Summary:
+        return summarize(self.cpu_samples_s if self.cpu_samples_s is not None else np.empty(0))
 
     @cached_property
     def summary(self) -> Summary:
@@ -82,6 +91,21 @@ class TimingResult:
             metric_row(metric, units_per_call * s.n / total_s, unit, stat="mean", **common),
         ]
 
+    def cpu_rows(self, units_per_call: float, **extra: Any) -> list[dict[str, Any]]:
+        """Process CPU time per call (`cpu_latency_ms`) and units per CPU second (`cpu_tokens_per_s`),
+        medians; nothing on devices whose work the host's CPU time does not see (CUDA)."""
+        if self.cpu_samples_s is None:
+            return []
+        s = self.cpu_summary
+        if s.n == 0 or not s.median > 0:
+            reason = "no timed samples" if s.n == 0 else "process CPU time did not advance (timer too coarse)"
+            return [unmeasured("cpu_latency_ms", "ms", reason, **extra),
+                    unmeasured("cpu_tokens_per_s", "tokens/s", reason, **extra)]
+        common = dict(source="process_time_ns (user+sys of the worker)", n_samples=s.n, **extra)
+        return [metric_row("cpu_latency_ms", s.median * 1e3, "ms", stat="median", ci_low=s.ci_low * 1e3,
+                           ci_high=s.ci_high * 1e3, **common),
+                metric_row("cpu_tokens_per_s", units_per_call / s.median, "tokens/s", stat="median", **common)]
+
     def compile_rows(self, metric: str = "compile_s", **extra: Any) -> list[dict[str, Any]]:
         """`compile_s` = first warm-up call minus the steady-state median (NaN without a warm-up call)."""
         if not math.isfinite(self.compile_s):
@@ -91,8 +115,12 @@ class TimingResult:
 
     def sample_rows(self, metric: str = "latency_ms", **extra: Any) -> list[dict[str, Any]]:
         """Raw per-call samples in ms for samples.parquet (SAMPLE_COLUMNS, less run_id/cell_id)."""
-        return [{"metric": metric, "unit": "ms", "index": i, "value": float(v) * 1e3, **extra}
+        rows = [{"metric": metric, "unit": "ms", "index": i, "value": float(v) * 1e3, **extra}
                 for i, v in enumerate(self.samples_s)]
+        if self.cpu_samples_s is not None:
+            rows += [{"metric": f"cpu_{metric}", "unit": "ms", "index": i, "value": float(v) * 1e3, **extra}
+                     for i, v in enumerate(self.cpu_samples_s)]
+        return rows
 
 
 def measure(fn: Callable[[], Any], *, min_time_s: float = 1.0, min_count: int = 5, max_count: int = 10_000,
@@ -140,33 +168,42 @@ def _measure_host(fn, min_time_s, min_count, max_count, warmup, max_warmup_s, sy
     first, warm_calls = _run_warmup(timed_call, warmup, max_warmup_s)
 
     # The hot loop: keep it free of attribute lookups, numpy and branches beyond the stop test.
+    cpu_clock = time.process_time_ns
     durations: list[int] = []
-    append = durations.append
+    cpu_durations: list[int] = []
+    append, cpu_append = durations.append, cpu_durations.append
     min_time_ns = int(min_time_s * 1e9)
     start = clock()
     count = 0
     if sync is None:
         while count < max_count:
+            c0 = cpu_clock()
             t0 = clock()
             fn()
             t1 = clock()
+            c1 = cpu_clock()
             append(t1 - t0)
+            cpu_append(c1 - c0)
             count += 1
             if count >= min_count and t1 - start >= min_time_ns:
                 break
     else:
         while count < max_count:
+            c0 = cpu_clock()
             t0 = clock()
             fn()
             sync()
             t1 = clock()
+            c1 = cpu_clock()
             append(t1 - t0)
+            cpu_append(c1 - c0)
             count += 1
             if count >= min_count and t1 - start >= min_time_ns:
                 break
     samples = np.asarray(durations, dtype=np.float64) * 1e-9
     timer = "perf_counter_ns" if sync is None else "perf_counter_ns+sync"
-    return TimingResult(samples, first, warm_calls, device, timer)
+    cpu_samples = np.asarray(cpu_durations, dtype=np.float64) * 1e-9
+    return TimingResult(samples, first, warm_calls, device, timer, cpu_samples)
 
 
 def _measure_cuda(fn, min_time_s, min_count, max_count, warmup, max_warmup_s, sync, device) -> TimingResult:

@@ -16,6 +16,7 @@ class WorkloadResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     status: str = "ok"
     reason: str = ""
+    engine: str = ""  # what really ran, read from the object that ran (bench/engines.py)
 
     def add_samples(self, metric: str, unit: str, values) -> None:
         for i, v in enumerate(values):
@@ -32,4 +33,13 @@ class Diverged(Exception):
 
 def run_workload(cell, ctx) -> WorkloadResult:
     module = importlib.import_module(f"loopscope.bench.workloads.{MODULES[cell.workload]}")
-    return module.run(cell, ctx)
+    result = module.run(cell, ctx)
+    stamp_engine(result)
+    return result
+
+
+def stamp_engine(result: WorkloadResult) -> None:
+    """Every row names the engine that ran it (a row that set its own, as the kernels workload's, keeps it)."""
+    if result.engine:
+        for row in result.rows:
+            row.setdefault("engine", result.engine)

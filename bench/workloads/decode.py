@@ -9,88 +9,37 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from loopscope.bench.context import RunContext
+from loopscope.bench.engines import backend_for
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row
 from loopscope.bench.stats import summarize
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import DTYPES, build_model, loop_kwargs, synchronize
+from loopscope.bench.workloads.common import DTYPES
 from loopscope.bench.workloads.prefill import analytic_memory_rows
 
 
-class TorchGenerator:
-    """Greedy decoding of a loopscope model with its KVCache."""
-
-    def __init__(self, cell: Cell) -> None:
-        self.model = build_model(cell).to(DTYPES[cell.dtype]).eval()
-        self.cell = cell
-        self.kwargs = loop_kwargs(cell)
-        self.cache = None
-
-    @torch.inference_mode()
-    def prefill(self, prompt: np.ndarray, max_len: int) -> np.ndarray:
-        from loopscope.models import KVCache
-
-        self.cache = KVCache(max_len, policy=self.cell.kv_policy or "per-loop")
-        idx = torch.from_numpy(prompt).to(self.cell.device)
-        logits = self.model(idx, cache=self.cache, **self.kwargs)
-        return logits[:, -1].argmax(-1).cpu().numpy()
-
-    @torch.inference_mode()
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        idx = torch.from_numpy(tokens[:, None]).to(self.cell.device)
-        logits = self.model(idx, cache=self.cache, **self.kwargs)
-        return logits[:, -1].argmax(-1).cpu().numpy()
-
-    def cache_bytes(self) -> int:
-        return self.cache.used_bytes()
-
-
-class NumbaGenerator:
-    """Greedy decoding with the Numba engine's own KV cache (no torch call on the hot path)."""
-
-    def __init__(self, cell: Cell) -> None:
-        from loopscope.kernels.engine import NumbaEngine
-
-        self.model = build_model(cell).eval()
-        self.engine = NumbaEngine.from_model(self.model)
-        self.cell = cell
-        self.loops = cell.loops_test
-        self.cache = None
-
-    def prefill(self, prompt: np.ndarray, max_len: int) -> np.ndarray:
-        self.cache = self.engine.new_cache(prompt.shape[0], max_len, policy=self.cell.kv_policy or "per-loop",
-                                           loops=self.loops)
-        logits = self.engine.prefill(prompt, loops=self.loops, cache=self.cache)
-        return logits[:, -1].argmax(-1)
-
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        return self.engine.decode_step(tokens, self.cache).argmax(-1)
-
-    def cache_bytes(self) -> int:
-        return int(self.cache.used_bytes())
-
-
-GENERATORS = {"torch": TorchGenerator, "numba": NumbaGenerator}
-
-
-def _generate(gen: TorchGenerator | NumbaGenerator, prompt: np.ndarray, new_tokens: int,
-              device: str) -> tuple[float, list[float]]:
-    """One generation: (ttft seconds, per-token step seconds)."""
-    t0 = time.perf_counter_ns()
+def _generate(gen: Any, prompt: np.ndarray, new_tokens: int, sync: Callable[[], None]
+              ) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """One generation: (ttft, per-token steps), each as (wall seconds, process CPU seconds)."""
+    wall, cpu = time.perf_counter_ns, time.process_time_ns
+    c0, t0 = cpu(), wall()
     tok = gen.prefill(prompt, prompt.shape[1] + new_tokens)
-    synchronize(device)
-    ttft = (time.perf_counter_ns() - t0) / 1e9
+    sync()
+    ttft = ((wall() - t0) / 1e9, (cpu() - c0) / 1e9)
     steps = []
     for _ in range(new_tokens - 1):
-        t0 = time.perf_counter_ns()
+        c0, t0 = cpu(), wall()
         tok = gen.step(tok.astype(np.int64))
-        synchronize(device)
-        steps.append((time.perf_counter_ns() - t0) / 1e9)
+        sync()
+        steps.append(((wall() - t0) / 1e9, (cpu() - c0) / 1e9))
     return ttft, steps
 
 
@@ -98,24 +47,28 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     measure, dec = cell.settings["measure"], cell.settings["decode"]
     new_tokens = int(dec["new_tokens"])
     prompt_len = cell.seq_len - new_tokens
-    if cell.backend not in GENERATORS:
-        raise ValueError(f"decode: backend {cell.backend!r} is not supported (supported: {', '.join(GENERATORS)})")
-    gen = GENERATORS[cell.backend](cell)
+    backend = backend_for(cell)
+    gen = backend.generator(cell)
+
+    def sync() -> None:
+        backend.sync(cell)
     rng = np.random.default_rng(cell.seed)
     prompt = rng.integers(0, gen.model.config.vocab_size, size=(cell.batch, prompt_len)).astype(np.int64)
 
     t_first = time.perf_counter()
-    _generate(gen, prompt, new_tokens, cell.device)  # warm-up
+    _generate(gen, prompt, new_tokens, sync)  # warm-up
     first_call_s = time.perf_counter() - t_first
-    ttfts, step_s, gen_rates = [], [], []
+    ttfts, step_s, gen_rates, cpu_ttfts, cpu_step_s = [], [], [], [], []
     start = time.perf_counter()
     while len(ttfts) < int(measure["min_count"]) or time.perf_counter() - start < float(measure["min_time_s"]):
-        ttft, steps = _generate(gen, prompt, new_tokens, cell.device)
-        ttfts.append(ttft)
-        step_s.extend(steps)
-        gen_rates.append(cell.batch * len(steps) / sum(steps))
+        ttft, steps = _generate(gen, prompt, new_tokens, sync)
+        ttfts.append(ttft[0])
+        cpu_ttfts.append(ttft[1])
+        step_s.extend(s[0] for s in steps)
+        cpu_step_s.extend(s[1] for s in steps)
+        gen_rates.append(cell.batch * len(steps) / sum(s[0] for s in steps))
 
-    result = WorkloadResult()
+    result = WorkloadResult(engine=gen.engine_name)
     src = f"perf_counter_ns, prompt {prompt_len}, {new_tokens} new tokens, greedy"
     for metric, values in (("ttft_ms", ttfts), ("latency_ms", step_s)):
         s = summarize(np.asarray(values) * 1e3)
@@ -124,6 +77,13 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         for stat in ("p90", "p99"):
             result.rows.append(metric_row(metric, getattr(s, stat), "ms", stat=stat, n_samples=s.n, source=src))
         result.add_samples(metric, "ms", np.asarray(values) * 1e3)
+    if cell.device == "cpu":  # process CPU time (user + sys) beside wall time; blind to GPU work
+        cpu_src = f"process_time_ns (user+sys of the worker), prompt {prompt_len}, {new_tokens} new tokens"
+        for metric, values in (("cpu_ttft_ms", cpu_ttfts), ("cpu_latency_ms", cpu_step_s)):
+            s = summarize(np.asarray(values) * 1e3)
+            result.rows.append(metric_row(metric, s.median, "ms", stat="median", ci_low=s.ci_low,
+                                          ci_high=s.ci_high, n_samples=s.n, source=cpu_src))
+            result.add_samples(metric, "ms", np.asarray(values) * 1e3)
     rate = summarize(gen_rates)
     result.rows.append(metric_row("tokens_per_s", rate.median, "tokens/s", stat="median", ci_low=rate.ci_low,
                                   ci_high=rate.ci_high, n_samples=rate.n,
@@ -144,6 +104,13 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     if not math.isclose(kv, expected, rel_tol=1e-9):
         result.rows.append(metric_row("kv_accounting_error", (kv - expected) / expected, "fraction",
                                       source="measured vs analytic KV bytes"))
+    from loopscope.bench.roofline import decode_bw_rows
+
+    llc, llc_name = last_level_cache(cell.device)
+    result.rows += decode_bw_rows(cfg, cell.batch, prompt_len + new_tokens // 2, cell.loops_test,
+                                  torch.finfo(DTYPES[cell.dtype]).bits // 8, float(np.median(step_s)),
+                                  float(ctx.calibration.get("mem_bw_bytes_per_s", math.nan)),
+                                  llc_bytes=llc, llc_name=llc_name)
     if cell.family != "gpt":
         result.rows += deviation_rows(cell, prompt[:1, : min(prompt_len, 48)])
     if ctx.trace:  # after every timed generation, so the profiler never disturbs them
@@ -151,6 +118,28 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
 
         result.rows += profile_generation_rows(cell, ctx, gen, prompt, new_tokens, float(np.median(step_s)))
     return result
+
+
+def last_level_cache(device: str) -> tuple[float, str]:
+    """(bytes, name) of the device's last-level cache: a GPU's L2, a CPU's highest cache level; NaN if unknown."""
+    if device.startswith("cuda"):
+        try:
+            props = torch.cuda.get_device_properties(torch.device(device))
+            return float(props.L2_cache_size), f"{props.name} L2"
+        except (RuntimeError, AssertionError, AttributeError):
+            return math.nan, "GPU L2"
+    levels: dict[int, float] = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        levels[level] = float(size.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+    if not levels:
+        return math.nan, "CPU cache"
+    top = max(levels)
+    return levels[top], f"CPU L{top}"
 
 
 def deviation_rows(cell: Cell, idx: np.ndarray) -> list[dict]:

@@ -21,7 +21,7 @@ from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row
 from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import build_model, loop_kwargs, reseed
+from loopscope.bench.workloads.common import autocast, build_model, loop_kwargs, reseed
 
 LN2 = math.log(2.0)
 
@@ -95,7 +95,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     corpus = load_corpus(data_cfg["corpus"], max_bytes=data_cfg["max_bytes"])
     tok = tokenize(corpus, data_cfg["tokenizer"], Path(ctx.run_dir) / "tokenizers")
     tokens = tok.val[: int(ev["max_tokens"]) + 1]
-    model = build_model(cell)
+    from loopscope.bench.engines import backend_for
+
+    backend = backend_for(cell)
+    model = backend.prepare_model(build_model(cell))
     ckpt = ctx.checkpoints_dir / f"{cell.depends_on}.safetensors"
     model.load_state_dict(load_file(str(ckpt)))
     model.eval()
@@ -107,11 +110,12 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     bpbs, ppls = [], []
     for s in range(seeds):
         reseed(model, 10_000 + s)  # h0 draws differ per eval seed and match across models
-        nll, count, n_bytes = heldout_nll(model, tokens, cell.seq_len, cell.batch, stride, cell.device,
-                                          token_bytes=tok.token_bytes, **loop_kwargs(cell))
+        with autocast(cell):
+            nll, count, n_bytes = heldout_nll(model, tokens, cell.seq_len, cell.batch, stride, cell.device,
+                                              token_bytes=tok.token_bytes, **loop_kwargs(cell))
         bpbs.append(bits_per_byte(nll, n_bytes))
         ppls.append(math.exp(nll / count))
-    result = WorkloadResult()
+    result = WorkloadResult(engine=backend.model_engine_name(model))
     source = f"held-out split ({method}; {count} {tok.name} tokens = {n_bytes} bytes; {seeds} seed(s))"
     result.rows.append(metric_row("bpb", float(np.mean(bpbs)), "bits/byte", source=source, n_samples=seeds))
     if seeds > 1:

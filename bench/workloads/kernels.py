@@ -23,6 +23,7 @@ def tidy(rows: list[dict[str, Any]]) -> WorkloadResult:
     for row in rows:
         row = dict(row)
         row["backend"] = BACKEND_NAMES.get(row.get("backend"), row.get("backend"))
+        row.setdefault("engine", row["backend"])  # each case names the engine it timed
         case = str(row.get("name") or row.get("kind") or "case")
         samples = row.pop("samples", None)
         row["stat"] = case

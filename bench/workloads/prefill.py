@@ -6,44 +6,24 @@ Pass 1 times the forward (warm-up covers compilation), pass 2 measures peak memo
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
 import torch
 
 from loopscope.bench.context import RunContext
+from loopscope.bench.engines import PrefillCall, backend_for
 from loopscope.bench.matrix import Cell
 from loopscope.bench.meters.memory import estimate_row
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import DTYPES, build_model, loop_kwargs, synchronize
+from loopscope.bench.workloads.common import DTYPES, idle_power_once
 
 
-def forward_fn(cell: Cell) -> tuple[Callable[[], object], torch.nn.Module]:
-    """The call to time, for the cell's backend; the model is returned for accounting."""
-    model = build_model(cell).to(DTYPES[cell.dtype]).eval()
-    gen = torch.Generator().manual_seed(cell.seed)
-    idx = torch.randint(0, model.config.vocab_size, (cell.batch, cell.seq_len), generator=gen).to(cell.device)
-    kwargs = loop_kwargs(cell)
-    if cell.backend == "numba":
-        from loopscope.kernels.engine import NumbaEngine
-
-        engine = NumbaEngine.from_model(model)
-        tokens = idx.cpu().numpy()
-        return functools.partial(engine.prefill, tokens, **kwargs), model  # .func.__self__: the engine
-    if cell.backend == "torch-compile":
-        compiled = torch.compile(model)
-
-        def call() -> object:
-            with torch.inference_mode():
-                return compiled(idx, **kwargs)
-        return call, model
-
-    def call_eager() -> object:
-        with torch.inference_mode():
-            return model(idx, **kwargs)
-    return call_eager, model
+def forward_fn(cell: Cell) -> tuple[PrefillCall, torch.nn.Module]:
+    """The call to time, as the cell's backend runs it (bench/engines.py); the model is returned for accounting."""
+    call = backend_for(cell).prefill(cell)
+    return call, call.model
 
 
 def analytic_memory_rows(cell: Cell) -> list[dict]:
@@ -92,8 +72,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
 
     measure = cell.settings["measure"]
 
+    backend = backend_for(cell)
+
     def sync() -> None:
-        synchronize(cell.device)
+        backend.sync(cell)
     tokens = cell.batch * cell.seq_len
     result = WorkloadResult()
 
@@ -110,39 +92,86 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     result.rows += analytic_memory_rows(cell)
 
     health_before = gpu_health(cell.device)
-    timed = timing.measure(call, min_time_s=float(measure["min_time_s"]), min_count=int(measure["min_count"]),
-                           warmup=max(int(measure["warmup"]), 1), sync=sync, device=cell.device)
+    warmup = max(int(measure["warmup"]), 1)
+    # On a GPU the energy window overlaps the timed repetitions (NVML's energy counter costs the timed calls
+    # nothing), then is topped up to its minimum length; on a CPU the RAPL poller runs in a pass of its own.
+    metered = OverlappedEnergy(call, cell, warmup, float(measure["energy_window_s"])) \
+        if measure["energy"] and cell.device.startswith("cuda") else None
+    timed = timing.measure(metered or call, min_time_s=float(measure["min_time_s"]),
+                           min_count=int(measure["min_count"]), warmup=warmup, sync=sync,
+                           device=backend.timing_device(cell))
+    result.engine = call.engine_name
     result.rows += throttle_rows(health_before, gpu_health(cell.device))
     result.rows += timed.latency_rows()
     result.rows += timed.throughput_rows(units_per_call=tokens)
+    result.rows += timed.cpu_rows(units_per_call=tokens)
     result.rows += timed.compile_rows()
     result.samples += timed.sample_rows()
     cfg = ModelConfig.from_dict(cell.model_config)
     flops = flops_per_token(cfg, cell.seq_len, loops=cell.loops_test, mode="forward") * tokens / timed.median_s
     peak = ctx.peak_flops(cell.dtype)
     result.rows.append(metric_row("achieved_flops", flops, "FLOP/s", source="analytic FLOPs / median time"))
-    result.rows.append(metric_row("mfu", flops / peak, "fraction", source="analytic FLOPs / calibrated GEMM peak")
+    result.rows.append(metric_row("mfu", flops / peak, "fraction",
+                                  source="model FLOPs (PaLM: no recompute) / calibrated GEMM peak")
                        if math.isfinite(peak) else unmeasured("mfu", "fraction", "unavailable: no calibration"))
 
-    if measure["energy"]:
-        result.rows += energy_pass(call, sync, cell, tokens, float(measure["energy_window_s"]))
+    if metered is not None:
+        result.rows += metered.finish(sync, tokens, ctx.run_dir)
+    elif measure["energy"]:
+        result.rows += energy_pass(call, sync, cell, tokens, float(measure["energy_window_s"]), ctx.run_dir)
     if ctx.trace:  # last, so the profiler never disturbs the timed, memory or energy passes
         from loopscope.bench.profiling import profile_forward_rows
 
-        engine = call.func.__self__ if isinstance(call, functools.partial) else None
-        result.rows += profile_forward_rows(cell, ctx, call, timed.median_s, engine=engine)
+        result.rows += profile_forward_rows(cell, ctx, call, timed.median_s, engine=call.numba_engine)
     return result
 
 
+class OverlappedEnergy:
+    """The timed call with an energy window that opens at the first timed (post-warm-up) call."""
+
+    def __init__(self, call: Callable[[], object], cell: Cell, warmup: int, window_s: float, *,
+                 nvml: object = None) -> None:
+        from loopscope.bench.meters import energy
+
+        self.call, self.cell, self.warmup, self.window_s = call, cell, warmup, window_s
+        self.meter = energy.EnergyMeter(cell.device, min_window_s=window_s, nvml=nvml)
+        self.available = self.meter.available()
+        self.calls = 0  # calls inside the window
+        self._seen = 0
+
+    def __call__(self) -> object:
+        if self._seen == self.warmup and self.available:
+            self.meter.__enter__()
+        self._seen += 1
+        if self._seen > self.warmup:
+            self.calls += 1
+        return self.call()
+
+    def finish(self, sync: Callable[[], None], tokens_per_call: int, run_dir: str) -> list[dict]:
+        from loopscope.bench.meters import energy
+
+        if not self.available or self.calls == 0:
+            return energy.energy_rows(self.meter, tokens=0)
+        while self.meter.elapsed_s() < self.window_s:  # top up a window the timed calls left short
+            self.call()
+            self.calls += 1
+        sync()
+        self.meter.__exit__(None, None, None)
+        rows = energy.energy_rows(self.meter, tokens=self.calls * tokens_per_call)
+        for row in rows:
+            row["source"] += "; window overlaps the timed calls"
+        return [idle_power_once(run_dir, self.cell.device, min(self.window_s, 5.0)), *rows]
+
+
 def energy_pass(call: Callable[[], object], sync: Callable[[], None], cell: Cell, tokens_per_call: int,
-                window_s: float) -> list[dict]:
+                window_s: float, run_dir: str) -> list[dict]:
     """Repeat the call until the energy window is filled; NaN with the reason when unavailable."""
     from loopscope.bench.meters import energy
 
     probe = energy.EnergyMeter(cell.device, min_window_s=window_s)
     if not probe.available():
         return energy.energy_rows(probe, tokens=0)
-    rows = [energy.idle_power_row(cell.device, seconds=min(window_s, 5.0))]  # the floor under the pass
+    rows = [idle_power_once(run_dir, cell.device, min(window_s, 5.0))]  # the floor under the pass
     calls = 0
     with energy.EnergyMeter(cell.device, min_window_s=window_s) as meter:
         while meter.elapsed_s() < window_s or calls == 0:

@@ -22,7 +22,7 @@ from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import Diverged, WorkloadResult
-from loopscope.bench.workloads.common import build_model, reseed, synchronize
+from loopscope.bench.workloads.common import autocast, build_model, reseed, synchronize
 from loopscope.bench.workloads.optimizers import Optimizers, build_optimizers
 
 SPIKE_WINDOW = 50
@@ -97,6 +97,10 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     from loopscope.models import ModelConfig, flops_per_token
 
     train = cell.settings["train"]
+    if int(train.get("world_size", 1)) > 1:  # several processes under torchrun (DDP / FSDP)
+        from loopscope.bench.workloads.distributed import run as run_distributed
+
+        return run_distributed(cell, ctx)
     data_cfg = cell.settings["data"]
     corpus = load_corpus(data_cfg["corpus"], max_bytes=data_cfg["max_bytes"])
     tok = tokenize(corpus, data_cfg["tokenizer"], Path(ctx.run_dir) / "tokenizers")
@@ -105,8 +109,11 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     steps = max(tokens // (cell.batch * cell.seq_len), 1)
     offsets = batch_offsets(len(tok.train), cell.seq_len, cell.batch, steps, cell.seed)
 
+    from loopscope.bench.engines import backend_for
+
     torch.manual_seed(cell.seed)
-    model = build_model(cell)
+    backend = backend_for(cell)
+    model = backend.prepare_model(build_model(cell))
     model.train()
     opt = build_optimizers(model, {**train, "lr": cell.lr})
     partial = checkpoint_path(ctx, cell, partial=True)
@@ -115,8 +122,7 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     if start:
         result.rows.append(metric_row("resumed_from_step", start, "step", source="checkpoint"))
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cell.device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False))
+    amp = autocast(cell)  # the cell's dtype, as labelled: float32 runs in fp32 on every device
     step_times: list[float] = []
     spikes = 0
     every = int(train["checkpoint_every"])
@@ -128,11 +134,12 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
             group["lr"] = lr_at(step, steps, cell.lr, train["warmup_frac"], train["cooldown_frac"])
         x, y = get_batch(tok.train, offsets[step], cell.seq_len, cell.device)
         stats = {} if (step % stats_every == 0 or step == steps - 1) and cell.family != "gpt" else None
-        with autocast:  # the family's own objective: cross-entropy (+ the ACT ponder cost for ut)
+        with amp:  # the family's own objective: cross-entropy (+ the ACT ponder cost for ut)
             loss = model.compute_loss(x, y, stats=stats)
         value = float(loss.detach())
         if not math.isfinite(value):
             result.status, result.reason = "diverged", f"non-finite loss ({value}) at step {step}"
+            result.engine = backend.model_engine_name(model)
             result.rows.append(metric_row("diverged_step", step, "step"))
             result.add_samples("train_loss", "nats/token", losses)
             raise Diverged(result.reason, result)
@@ -175,13 +182,14 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
         peak = ctx.peak_flops(cell.dtype if cell.device.startswith("cuda") else "float32")
         if math.isfinite(peak):
             result.rows.append(metric_row("mfu", flops / peak, "fraction",
-                                          source="analytic FLOPs / calibrated GEMM peak"))
+                                          source="model FLOPs (PaLM: no recompute) / calibrated GEMM peak"))
         else:
             result.rows.append(unmeasured("mfu", "fraction", "unavailable: no calibration in this run"))
         result.add_samples("step_time_ms", "ms", [t * 1e3 for t in timed])
     else:
         result.rows.append(unmeasured("tokens_per_s", "tokens/s", "unavailable: resumed after the last step"))
     result.add_samples("train_loss", "nats/token", losses)
+    result.engine = backend.model_engine_name(model)
     result.rows.extend(_state_rows(model, tok.val, cell))
     if ctx.trace:  # activation memory vs loop count and mu_bwd: a few one-sequence forwards, no steps
         from loopscope.bench.profiling import activation_rows

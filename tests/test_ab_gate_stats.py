@@ -1,0 +1,122 @@
+"""The A/B gate's statistics on simulated jobs: process-level values drawn from seeded generators.
+
+A simulated process's value is true_time * exp(noise), the noise drawn per process (that is where the
+variance lives on a shared machine); a job is `blocks` ABBA/BAAB blocks, judged as the gate judges them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from loopscope.bench.stats import paired_change, unpaired_change
+from loopscope.reports.abjudge import block_pairs, judge_blocks, judge_change
+
+
+def simulate_job(rng: np.random.Generator, *, blocks: int, sigma: float, slowdown: float = 0.0,
+                 cpu_sigma: float | None = None, drift: float = 0.0) -> pd.DataFrame:
+    rows = []
+    t = 0
+    for block in range(blocks):
+        order = "ABBA" if rng.random() < 0.5 else "BAAB"
+        for pos, side in enumerate(order):
+            true = 3.0 * (1.0 + slowdown if side == "B" else 1.0) * (1.0 + drift * t)
+            t += 1
+            rows.append(dict(block=block, pos=pos, side=side, cell="c", metric="latency_ms",
+                             value=true * math.exp(rng.normal(0.0, sigma))))
+            if cpu_sigma is not None:
+                rows.append(dict(block=block, pos=pos, side=side, cell="c", metric="cpu_latency_ms",
+                                 value=true * math.exp(rng.normal(0.0, cpu_sigma))))
+    return pd.DataFrame(rows)
+
+
+def verdicts(n_jobs: int, seed: int, **kwargs) -> pd.Series:
+    rng = np.random.default_rng(seed)
+    tolerance = kwargs.pop("tolerance", 0.05)
+    out = [judge_blocks(simulate_job(rng, **kwargs), tolerance=tolerance).iloc[0]["verdict"]
+           for _ in range(n_jobs)]
+    return pd.Series(out).value_counts(normalize=True)
+
+
+def test_block_pairs_pair_each_a_with_its_b_and_give_same_code_differences():
+    assert block_pairs(list("ABBA")) == ([(0, 1), (3, 2)], [(0, 3), (1, 2)])
+    assert block_pairs(list("BAAB")) == ([(1, 0), (2, 3)], [(1, 2), (0, 3)])
+
+
+def test_aa_false_regression_rate_is_below_one_percent_over_many_jobs():
+    # A/A at a 3% per-process spread, 4 blocks: a fail needs significance at 99% AND a change beyond
+    # both the tolerance and the floor.
+    rates = verdicts(600, seed=1, blocks=4, sigma=0.03)
+    assert rates.get("fail", 0.0) <= 0.01, rates
+
+
+def test_aa_under_noise_above_tolerance_is_unresolved_not_failed():
+    rates = verdicts(300, seed=2, blocks=3, sigma=0.10)
+    assert rates.get("fail", 0.0) <= 0.01 and rates.get("unresolved", 0.0) >= 0.95, rates
+
+
+def test_power_a_10_percent_slowdown_at_2_percent_spread_is_caught():
+    rates = verdicts(300, seed=3, blocks=4, sigma=0.02, slowdown=0.10)
+    assert rates.get("fail", 0.0) >= 0.95, rates
+
+
+def test_a_25_percent_slowdown_at_5_percent_spread_is_caught():
+    rates = verdicts(300, seed=4, blocks=4, sigma=0.05, slowdown=0.25)
+    assert rates.get("fail", 0.0) >= 0.9, rates
+
+
+def test_a_slowdown_below_the_noise_floor_is_unresolved_never_pass():
+    # 3% slower, 6% spread: the floor (~20% with 3 blocks) is above both the change and the 2% tolerance.
+    rates = verdicts(300, seed=5, blocks=3, sigma=0.06, slowdown=0.03, tolerance=0.02)
+    assert rates.get("pass", 0.0) == 0.0 and rates.get("unresolved", 0.0) >= 0.95, rates
+
+
+def test_linear_drift_does_not_fail_an_aa_job():
+    # The machine slows by 1% per process over the job; ABBA's pairs cancel a linear drift on average.
+    rates = verdicts(300, seed=6, blocks=4, sigma=0.01, drift=0.01)
+    assert rates.get("fail", 0.0) <= 0.01, rates
+
+
+def test_the_timer_with_the_lower_aa_spread_is_judged_and_named():
+    rng = np.random.default_rng(7)
+    table = judge_blocks(simulate_job(rng, blocks=4, sigma=0.20, cpu_sigma=0.01, slowdown=0.10), tolerance=0.05)
+    row = table.iloc[0]
+    assert row["timer"] == "cpu" and row["verdict"] == "fail"
+    assert "cpu time: A/A floor" in row["why"] and "(wall)" in row["why"]
+    table = judge_blocks(simulate_job(rng, blocks=4, sigma=0.01, cpu_sigma=0.20), tolerance=0.05)
+    assert table.iloc[0]["timer"] == "wall"
+
+
+def test_a_base_without_cpu_time_falls_back_to_wall_time_and_says_so():
+    rng = np.random.default_rng(8)
+    job = simulate_job(rng, blocks=3, sigma=0.01, cpu_sigma=0.01)
+    job = job[~((job["side"] == "A") & (job["metric"] == "cpu_latency_ms"))]  # an older base: no CPU time
+    row = judge_blocks(job, tolerance=0.05).iloc[0]
+    assert row["timer"] == "wall" and "CPU time not recorded by both sides" in row["why"]
+
+
+def test_paired_change_measures_the_floor_from_same_code_differences():
+    base = np.full(8, 3.0)
+    cand = base * 1.10
+    change = paired_change(base, cand, [0.01, -0.01] * 4, level=0.99)
+    assert change.n_pairs == 8 and change.ratio == pytest.approx(1.10)
+    assert change.noise_floor == pytest.approx(math.expm1(3.4995 * 0.01 / math.sqrt(8)), rel=1e-3)
+    assert math.isnan(paired_change(base, cand, [0.01]).noise_floor)  # one same-code difference: unknown
+
+
+def test_one_value_per_side_has_an_unknown_floor_and_is_unresolved():
+    change = unpaired_change([3.0], [3.6])
+    assert math.isnan(change.noise_floor) and math.isnan(change.p_value)
+    assert judge_change(change, "lower", 0.05).verdict == "unresolved"
+
+
+def test_unpaired_replicates_catch_a_clear_change_and_pass_a_null():
+    rng = np.random.default_rng(9)
+    base = 3.0 * np.exp(rng.normal(0, 0.02, 5))
+    slow = 3.6 * np.exp(rng.normal(0, 0.02, 5))
+    same = 3.0 * np.exp(rng.normal(0, 0.02, 5))
+    assert judge_change(unpaired_change(base, slow), "lower", 0.05).verdict == "fail"
+    assert judge_change(unpaired_change(base, same), "lower", 0.05).verdict in ("pass", "unresolved")
