@@ -16,8 +16,7 @@ from typing import Any
 from loopscope.bench.backends import refusal
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.tokenizer import vocab_size
-from loopscope.bench.workloads.optimizers import OPTIMIZERS
-from loopscope.profiles.loader import BACKENDS, DTYPES, KV_POLICIES, WORKLOADS, Profile
+from loopscope.profiles.loader import BACKENDS, DTYPES, KV_POLICIES, OPTIMIZERS, WORKLOADS, Profile
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "profile": {"seed": 0, "timeout_s": 900.0, "memory_limit_gb": 16.0, "calibration": "full",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .blocks import VE_GATE_CHANNELS, value_embed_layers, ve_gate_layers
+from .layout import VE_GATE_CHANNELS, value_embed_layers, ve_gate_layers
 from .config import ModelConfig
 
 KV_ACCOUNTING_POLICIES: tuple[str, ...] = ("per-loop", "last-loop")

@@ -26,19 +26,11 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .layout import huginn_d_ff, huginn_overrides  # noqa: F401
 from .recurrence import LoopedLM
 
 
-def huginn_d_ff(d: int) -> int:
-    """SwiGLU width with the parameters of a 4d relu^2 MLP (3 d f = 8 d^2), rounded to a multiple of 8;
-    Huginn's own 17920 / 5280 is about 3.4 d."""
-    return max(8, int(round(8 * d / 3 / 8)) * 8)
 
-
-def huginn_overrides(d: int) -> dict[str, Any]:
-    """The ModelConfig fields that make `rdm` Huginn's architecture (besides sizes)."""
-    return {"mlp": "swiglu", "d_ff": huginn_d_ff(d), "qk_norm": False, "qk_bias": True,
-            "embed_scale": math.sqrt(d), "init": "takase", "norm_eps": 1e-6}
 
 
 class RDM(LoopedLM):

@@ -103,6 +103,7 @@ WORKLOADS = ("train", "eval", "prefill", "decode", "kernels")
 BACKENDS = tuple(BACKEND_SPECS)  # one spelling each; aliases are normalised when a profile is loaded
 DTYPES = ("float32", "bfloat16", "float16")
 KV_POLICIES = ("per-loop", "last-loop")
+OPTIMIZERS = ("adamw", "muon")  # train.optimizer; bench/workloads/optimizers.py builds them
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,8 @@ def _calibration_text(cal: dict) -> str:
 def _corpus_text(corpus: dict) -> str:
     if not corpus:
         return ""
+    if corpus.get("read") is False:
+        return f"{corpus.get('name', '?')}: not read ({corpus.get('why', 'no cell reads text')})"
     return (f"{corpus.get('name', '?')}: {corpus.get('train_bytes', '?')} train / {corpus.get('val_bytes', '?')} "
             f"held-out bytes, held-out sha256 {str(corpus.get('val_sha256', ''))[:16]}")
 

@@ -149,7 +149,7 @@ def deviation_rows(cell: Cell, idx: np.ndarray) -> list[dict]:
     measures by how much instead of hiding it.
     """
     from loopscope.models import build
-    from loopscope.models.generate import decode_deviation
+    from loopscope.models.generation import decode_deviation
 
     model = build(cell.model_config, seed=cell.seed).eval()  # fp32 reference, whatever the cell's dtype
     with torch.inference_mode():
