@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from loopscope.bench.cli import main
+from loopscope.bench.errors import ConfigError
 from loopscope.bench.matrix import DEFAULTS, Cell, expand
 from loopscope.bench.schema import metric_row
 from loopscope.bench.store import RunStore
@@ -268,6 +269,42 @@ seeds = [0, 1, 2]
     path.write_text(text.replace("seeds = [0, 1, 2]\n", ""))
     plain = expand(load_profile(str(path)))
     assert {c.cell_id for c in plain} <= {c.cell_id for c in cells}  # seed 0 keeps the id it had
+
+
+def test_tokens_axis_gives_a_sweep_its_own_budget_and_links_each_eval_to_its_budget(tmp_path):
+    text = """
+[train]
+tokens = 1000
+tokens_per_param = 3.0
+[[sweep]]
+model = "gpt-micro"
+workload = ["train", "eval"]
+loops_test = 1
+[[sweep]]
+model = "gpt-micro"
+workload = ["train", "eval"]
+tokens = [4000, 8000]
+"""
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    cells = expand(load_profile(str(path)))
+    train = {c.cell_id: c for c in cells if c.workload == "train"}
+    budgets = sorted((c.settings["train"].get("tokens"), c.settings["train"].get("tokens_per_param"))
+                     for c in train.values())
+    assert budgets == [(1000, 3.0), (4000, None), (8000, None)]  # the axis replaces every budget key
+    evals = [c for c in cells if c.workload == "eval"]
+    assert len(evals) == 3
+    for e in evals:
+        assert train[e.depends_on].settings["train"]["tokens"] == e.settings["eval"].get("train_tokens", 1000)
+    path.write_text(text.replace("tokens = [4000, 8000]", "tokens = 0"))
+    with pytest.raises(ConfigError, match=r"sweep\[1\]\.tokens"):
+        expand(load_profile(str(path)))
+
+
+def test_cpu_profile_main_pair_trains_longer_than_its_stability_sweep():
+    cells = expand(load_profile("cpu"))
+    tokens = {(c.model, c.lr): c.settings["train"]["tokens"] for c in cells if c.workload == "train"}
+    assert tokens[("gpt-micro", 3e-3)] == 600_000 and tokens[("parcae-micro", 2e-3)] == 150_000
 
 
 def test_committed_baseline_cell_ids_still_match():
