@@ -18,7 +18,6 @@ from .config import ModelConfig
 from .layout import VE_GATE_CHANNELS, has_value_embed, value_embed_layers, ve_gate_layers  # noqa: F401
 
 
-
 def init_std(cfg: ModelConfig) -> float:
     """The "scaled" init std sqrt(2/(5d)) used by Parcae and Huginn."""
     return math.sqrt(2.0 / (5.0 * cfg.d_model))

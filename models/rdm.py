@@ -18,9 +18,7 @@ tests/test_models_rdm_huginn.py checks their logits against Huginn's math with o
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,9 +26,6 @@ import torch.nn as nn
 from .config import ModelConfig
 from .layout import huginn_d_ff, huginn_overrides  # noqa: F401
 from .recurrence import LoopedLM
-
-
-
 
 
 class RDM(LoopedLM):

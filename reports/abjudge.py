@@ -146,7 +146,8 @@ def render(table: pd.DataFrame) -> list[str]:
     body = []
     for r in table.to_dict("records"):
         fin = math.isfinite(r["ci_low"])
-        body.append([r["cell"], r["metric"], f"{r['timer']}/{r['statistic']}", r["n_pairs"], f"{r['base']:.4g}", f"{r['cand']:.4g}",
+        body.append([r["cell"], r["metric"], f"{r['timer']}/{r['statistic']}", r["n_pairs"],
+                     f"{r['base']:.4g}", f"{r['cand']:.4g}",
                      f"{r['ratio'] - 1:+.1%}" if math.isfinite(r["ratio"]) else "—",
                      f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if fin else "—",
                      f"±{r['noise_floor']:.1%}" if math.isfinite(r["noise_floor"]) else "unknown",

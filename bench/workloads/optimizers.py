@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from loopscope.profiles.loader import OPTIMIZERS
+
 MUON_PARAM = re.compile(r"\.(attn|mlp)\.[^.]+\.weight$")
 
 
