@@ -11,7 +11,7 @@ its spectral norm is reported as the stability proxy. Training draws T from Hugi
 (one draw per batch by default) and backpropagates through the last min(T, mu_bwd) loops.
 
 The `rdm-*` presets keep the shared nanochat blocks (QK-norm, relu^2 MLP, no embedding scale, scaled-zero
-init); the `rdm-huginn-*` presets switch every one of those to Huginn's (`HUGINN` below), and
+init); the `rdm-huginn-*` presets switch every one of those to Huginn's (`layout.huginn_overrides`), and
 tests/test_models_rdm_huginn.py checks their logits against Huginn's math with official-shaped weights.
 `listing.fidelity_flags` names each difference a config keeps.
 """
