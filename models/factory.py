@@ -57,7 +57,9 @@ def build(name_or_config: str | ModelConfig | dict, *, device: str | torch.devic
         if device.type == "meta":
             return model.to(dtype=dtype)
         model = model.to_empty(device="cpu")
-    else:  # small: built in place (meta init pulls in about a second of torch imports); reinitialised below
-        model = cls(cfg) if cfg.family == "gpt" else cls(cfg, seed=seed)
+    else:  # small: built in place (meta init pulls in about a second of torch imports); reinitialised below.
+        # Its throwaway default init must not draw from the global generator, as the meta path does not.
+        with torch.random.fork_rng(devices=[]):
+            model = cls(cfg) if cfg.family == "gpt" else cls(cfg, seed=seed)
     init_weights(model, cfg, torch.Generator().manual_seed(seed))
     return model.to(device=device, dtype=dtype)

@@ -89,9 +89,13 @@ def test_small_models_built_in_place_get_the_weights_of_the_meta_path(name, monk
 
     if name not in PRESETS:
         pytest.skip(f"no preset {name}")
+    torch.manual_seed(11)
     direct = build(name, seed=5)
+    after_direct = torch.rand(3)
     monkeypatch.setattr(factory, "DIRECT_BUILD_MAX_PARAMS", -1)  # force meta -> to_empty -> init
+    torch.manual_seed(11)
     via_meta = build(name, seed=5)
+    assert torch.equal(after_direct, torch.rand(3))  # neither path draws from the global generator
     a, b = direct.state_dict(), via_meta.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
