@@ -367,3 +367,25 @@ def test_export_and_history_commands(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "hist" / "history.csv")
     assert set(table["run_id"]) == {"r0", "r1", "r2"}
     assert main(["history", str(runs[0])]) == 2  # one run is not a history
+
+
+def test_run_header_names_every_training_budget_its_sweeps_set():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from loopscope.reports.report import _train_budgets, _training_text
+
+    def record(workload, train):
+        return {"cell": {"workload": workload, "settings": {"train": train}}}
+
+    run = SimpleNamespace(cells={"a": record("train", {"tokens": 600_000}),
+                                 "b": record("train", {"tokens": 150_000}),
+                                 "c": record("train", {"tokens": 150_000, "tokens_per_param": 2.0}),
+                                 "d": record("eval", {"tokens": 999})})
+    budgets = _train_budgets(run)
+    assert budgets == ["600,000 tokens", "150,000 tokens", "2 tokens/param"]
+    cells = pd.DataFrame({"workload": ["train", "eval"]})
+    assert _training_text({"train": {"tokens": 150_000}}, cells, budgets).startswith(
+        "600,000 tokens or 150,000 tokens or 2 tokens/param (by sweep")
+    assert _training_text({"train": {"tokens": 150_000}}, cells, ["600,000 tokens"]).startswith("600,000 tokens per")
