@@ -24,7 +24,7 @@ from loopscope.reports import charts as charts_module
 from loopscope.reports import findings as findings_module
 from loopscope.reports import frames, groups, tables, validity
 from loopscope.reports.report import load_checked, write_report
-from tests.test_report import RunSpec, _cfg, _manifest, _record
+from tests.test_report import RunSpec, _cfg, _manifest, _record, _samples
 
 # Recipe A: the main comparison, three seeds each. Recipe B: a small-batch lr sweep whose models look far
 # better only because they took 4x the optimizer steps: it must never be compared with recipe A.
@@ -40,7 +40,8 @@ def _train(run_id: str, model: str, recipe: dict, lr: float, seed: int) -> dict:
     cell = Cell(model=model, model_config=_cfg(model), workload="train", batch=recipe["batch"],
                 seq_len=recipe["seq_len"], lr=lr, seed=seed, settings={"train": train, "data": DEFAULTS["data"]})
     rows = [metric_row("train_loss", 2.5, "nats/token"), metric_row("train_tokens", recipe["tokens"], "tokens")]
-    return _record(run_id, cell, rows)
+    curve = 2.5 + 3.0 * np.exp(-np.arange(40) / 8.0) - (1.0 if recipe is RECIPE_B else 0.0)
+    return _record(run_id, cell, rows, _samples("train_loss", "nats/token", curve))
 
 
 def _eval(run_id: str, model: str, lr: float, seed: int, T: int | None, train: dict, bpb: float) -> dict:
@@ -389,3 +390,16 @@ def test_run_header_names_every_training_budget_its_sweeps_set():
     assert _training_text({"train": {"tokens": 150_000}}, cells, budgets).startswith(
         "600,000 tokens or 150,000 tokens or 2 tokens/param (by sweep")
     assert _training_text({"train": {"tokens": 150_000}}, cells, ["600,000 tokens"]).startswith("600,000 tokens per")
+
+
+def test_training_loss_keeps_recipes_in_their_own_panels_and_rankings(trust_run):
+    run = load_checked(trust_run)
+    chart = charts_module.train_loss(run)
+    assert isinstance(chart, charts_module.Chart), chart
+    titles = [ax.get_title() for ax in chart.figure.axes if ax.get_title()]
+    assert sorted(titles) == sorted([f"{m} · batch 16x64" for m in PLAN_A] + [f"{m} · batch 4x64" for m in PLAN_B])
+    clauses = chart.reading.rstrip(".").split("; ")
+    assert [c.split("]")[0] for c in clauses] == ["[batch 4x64", "[batch 16x64"]  # recipe B's loss is lower
+    for clause in clauses:
+        named = _named(clause, set(PLAN_A) | set(PLAN_B))
+        assert named in (set(PLAN_A), set(PLAN_B)), clause
