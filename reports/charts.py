@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter, PercentFormatter  # noqa: E402
 
 from loopscope.reports import frames, groups  # noqa: E402
 from loopscope.reports.fits import fit_saturation  # noqa: E402
@@ -53,8 +53,24 @@ def _styled(fn: ChartFn) -> ChartFn:
     @functools.wraps(fn)
     def wrapper(run: RunData) -> Chart | Omitted:
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
-            return fn(run)
+            chart = fn(run)
+        if isinstance(chart, Chart):
+            _plain_log_ticks(chart.figure)
+        return chart
     return wrapper
+
+
+def _plain_log_ticks(fig: plt.Figure) -> None:
+    """Plain-text labels on log axes that kept matplotlib's own: those are mathtext (`$\\mathdefault{10^{3}}$`),
+    which the report draws as literal text because it turns mathtext off for user-given names."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() != "log":
+                continue
+            if isinstance(axis.get_major_formatter(), LogFormatter):
+                axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            if isinstance(axis.get_minor_formatter(), LogFormatter):
+                axis.set_minor_formatter(NullFormatter())
 
 
 # --- small helpers -------------------------------------------------------------------------------

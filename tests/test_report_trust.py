@@ -403,3 +403,22 @@ def test_training_loss_keeps_recipes_in_their_own_panels_and_rankings(trust_run)
     for clause in clauses:
         named = _named(clause, set(PLAN_A) | set(PLAN_B))
         assert named in (set(PLAN_A), set(PLAN_B)), clause
+
+
+def test_log_axes_are_labelled_in_plain_text_since_the_report_turns_mathtext_off():
+    import matplotlib.pyplot as plt
+
+    @charts_module._styled
+    def log_chart(_run):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3], [1.0, 1e4, 1e16])
+        ax.set_yscale("log")
+        return charts_module.Chart("log", "log", fig, "")
+
+    with plt.rc_context({"text.parse_math": False}):
+        chart = log_chart(None)
+        chart.figure.canvas.draw()
+        labels = [t.get_text() for t in chart.figure.axes[0].get_yticklabels() if t.get_text()]
+    plt.close(chart.figure)
+    assert labels and not any("$" in label or "mathdefault" in label for label in labels), labels
+    assert "1e+16" in labels
