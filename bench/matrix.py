@@ -16,8 +16,7 @@ from typing import Any
 from loopscope.bench.backends import refusal
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.tokenizer import vocab_size
-from loopscope.bench.workloads.optimizers import OPTIMIZERS
-from loopscope.profiles.loader import BACKENDS, DTYPES, KV_POLICIES, WORKLOADS, Profile
+from loopscope.profiles.loader import BACKENDS, DTYPES, KV_POLICIES, OPTIMIZERS, WORKLOADS, Profile
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "profile": {"seed": 0, "timeout_s": 900.0, "memory_limit_gb": 16.0, "calibration": "full",
@@ -173,6 +172,7 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
             "kv_policy": _axis_values(sweep, "kv_policy", None),
             "lr": _axis_values(sweep, "lr", settings["train"]["lr"]),
             "seeds": _axis_values(sweep, "seeds", run["seed"]),
+            "tokens": _axis_values(sweep, "tokens", None),
         }
         for key, allowed in (("workload", WORKLOADS), ("backend", BACKENDS), ("dtype", DTYPES),
                              ("kv_policy", KV_POLICIES + (None,))):
@@ -191,21 +191,23 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
             if cell is not None:
                 cells.setdefault(cell.cell_id, cell)
                 if cell.workload == "train":
-                    train_cells[(cell.model, cell.lr, cell.seed)] = cell
+                    train_cells[(cell.model, cell.lr, cell.seed, cell.settings["train"].get("tokens"))] = cell
         for rule in sweep.get("include", []):
             axes = {**{k: v[0] for k, v in axes_lists.items()}, **rule}
             cell = _make_cell(axes, configs, settings, label, errors)
             if cell is not None:
                 cells.setdefault(cell.cell_id, cell)
 
-    # Eval cells read the checkpoint of the train cell of the same model, learning rate and seed.
+    # Eval cells read the checkpoint of the train cell of the same model, learning rate, seed and budget.
     ordered: list[Cell] = []
     for cell in cells.values():
         if cell.workload == "eval":
-            train = train_cells.get((cell.model, cell.lr, cell.seed))
+            tokens = cell.settings["eval"].get("train_tokens", settings["train"].get("tokens"))
+            train = train_cells.get((cell.model, cell.lr, cell.seed, tokens))
             if train is None:
-                errors.append(f"{profile.path}: eval of {cell.model!r} (lr={cell.lr}, seed={cell.seed}) needs "
-                              "a train cell of the same model, lr and seed in the profile")
+                budget = f", tokens={tokens}" if "train_tokens" in cell.settings["eval"] else ""
+                errors.append(f"{profile.path}: eval of {cell.model!r} (lr={cell.lr}, seed={cell.seed}{budget}) "
+                              "needs a train cell of the same model, lr, seed and budget in the profile")
                 continue
             cell = dataclasses.replace(cell, depends_on=train.cell_id)
         ordered.append(cell)
@@ -236,10 +238,15 @@ def _make_cell(axes: dict[str, Any], configs: dict[str, dict[str, Any]],
     data = settings["data"]
     if workload == "train":
         train = settings["train"]
+        if axes.get("tokens"):  # the sweep's own budget, in tokens: the other budget keys no longer apply
+            train = {**{k: v for k, v in train.items() if k not in ("tokens_per_param", "flops")},
+                     "tokens": int(axes["tokens"])}
         return Cell(**base, batch=axes["batch"] or train["batch"], seq_len=axes["seq_len"] or train["seq_len"],
                     lr=float(axes["lr"]), settings={"train": train, "data": data})
     if workload == "eval":
         ev = dict(settings["eval"])
+        if axes.get("tokens"):  # names the budget of the train cell whose checkpoint it reads
+            ev["train_tokens"] = int(axes["tokens"])
         if cfg["family"] in RANDOM_STATE_FAMILIES:
             ev["seeds"] = max(int(ev["seeds"]), 1)
         loops = axes["loops_test"] if looped else None

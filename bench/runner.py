@@ -98,6 +98,9 @@ def _check_fits(profile: Profile, cells: list[Cell]) -> None:
             f"over profile.memory_limit_gb = {limit / 2**30:g}" for c, mem in too_big))
 
 
+TEXT_WORKLOADS = ("train", "eval")  # the workloads that read the corpus
+
+
 def default_profile_name() -> tuple[str, str]:
     from loopscope.profiles.detect import detect_device_class
 
@@ -110,7 +113,14 @@ def _manifest(store: RunStore, profile: Profile, matrix: list[Cell], ctx: RunCon
     from loopscope.bench.fingerprint import fingerprint
 
     data = resolved_settings(profile)["data"]
-    corpus = load_corpus(data["corpus"], max_bytes=data["max_bytes"])
+    if any(c.workload in TEXT_WORKLOADS for c in matrix):
+        corpus = load_corpus(data["corpus"], max_bytes=data["max_bytes"])
+        corpus_entry = {"name": corpus.name, "train_bytes": int(len(corpus.train)),
+                        "val_bytes": int(len(corpus.val)), "val_sha256": corpus.val_hash,
+                        "description": corpus.description}
+    else:  # reading and hashing the corpus costs most of a second, for a run that never reads it
+        corpus_entry = {"name": data["corpus"], "read": False,
+                        "why": "no cell of this run reads text (only prefill, decode or kernels)"}
     fp = old.get("fingerprint") or fingerprint()
     fp["device_class"] = ctx.device_class
     return {
@@ -125,9 +135,7 @@ def _manifest(store: RunStore, profile: Profile, matrix: list[Cell], ctx: RunCon
         "calibration": ctx.calibration,
         "workers": {"threads": ctx.threads or "library defaults",
                     "numba_threading_layer": ctx.numba_threading or "workqueue (loopscope default)"},
-        "corpus": {"name": corpus.name, "train_bytes": int(len(corpus.train)),
-                   "val_bytes": int(len(corpus.val)), "val_sha256": corpus.val_hash,
-                   "description": corpus.description},
+        "corpus": corpus_entry,
         # The whole matrix (also under --only): the tables hold exactly the finished cells of it.
         "cells": len(matrix),
         "cell_ids": [c.cell_id for c in matrix],
@@ -189,7 +197,7 @@ def check_corpus(profile: Profile, cells: list[Cell]) -> None:
     """Refuse, before anything runs, a corpus whose splits cannot fill one window of a train or eval cell."""
     from loopscope.bench.corpus import load_corpus
 
-    needy = [c for c in cells if c.workload in ("train", "eval")]
+    needy = [c for c in cells if c.workload in TEXT_WORKLOADS]
     if not needy:
         return
     data = resolved_settings(profile)["data"]

@@ -9,9 +9,16 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats as _sps
 
 DEFAULT_RESAMPLES = 2000
+
+
+def _scipy_stats():
+    """scipy.stats, imported when a test statistic is needed: it costs most of a second, and a worker
+    that only summarises its samples never needs it."""
+    from scipy import stats
+
+    return stats
 
 
 @dataclass(frozen=True)
@@ -86,57 +93,71 @@ def mann_whitney_p(base, cand) -> float:
     b = np.asarray(cand, dtype=np.float64)
     if a.size < 2 or b.size < 2:
         return float("nan")
-    return float(_sps.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    return float(_scipy_stats().mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Paired, process-level comparisons (A/B gate). The unit of replication is one process: each value below
-# is one process's summary (e.g. the median of its timed calls); samples inside a process are never pooled.
+# is one process's summary (the median or the fastest of its timed calls); samples inside a process are
+# never pooled.
 
 
 @dataclass(frozen=True)
 class PairedChange:
     n_pairs: int
     ratio: float  # geometric mean of cand/base over the pairs
-    ci_low: float  # t-interval of the mean log ratio, as a ratio
+    ci_low: float  # t-interval of the mean log ratio (pooled spread), as a ratio
     ci_high: float
-    p_value: float  # one-sample t-test of the log ratios against 0 (two-sided)
+    p_value: float  # t-test of the mean log ratio against 0 (two-sided, pooled spread)
     noise_floor: float  # smallest relative change the A/A spread lets this many pairs resolve; NaN: unknown
-    n_same: int  # same-code differences (A vs A', B vs B') the floor was estimated from
+    n_same: int  # same-code differences (A vs A', B vs B') pooled into the spread
 
 
-def paired_change(base, cand, same_code_log_diffs, *, level: float = 0.99) -> PairedChange:
+def paired_change(base, cand, same_code_log_diffs, *, blocks=None, level: float = 0.99) -> PairedChange:
     """cand/base from paired process-level values, with the A/A noise floor measured beside it.
 
-    `base[i]` and `cand[i]` were measured next to each other (one A/B pair of an ABBA block);
-    `same_code_log_diffs` are log(x'/x) of two processes running the same code in the same job. Under no
-    change, a pair's log ratio spreads like a same-code difference, so the floor is the half-width that
-    spread gives a CI of the mean with this many pairs: exp(t * rms / sqrt(n)) - 1.
+    `base[i]` and `cand[i]` were measured next to each other (one A/B pair of an ABBA block, `blocks[i]`
+    names the block); `same_code_log_diffs` are log(x'/x) of two processes running the same code in the
+    same block (A vs A', B vs B'). One process-to-process variance v (of a log difference) is estimated
+    from both sources that carry no change: the same-code differences about 0 (so drift counts as noise;
+    one degree of freedom each), and the spread of the blocks' mean pair ratios about the overall mean
+    (k - 1 for k blocks; a block mean of two pairs varies as v / 2). The spread of the two pairs inside
+    a block is not used again: in ABBA it is exactly the difference of that block's A/A and B/B
+    differences. Without block labels each pair is its own block.
+    The interval is mean +- t * sqrt(v / n) for n pairs; the floor is that half-width as a relative
+    change, exp(t * sqrt(v / n)) - 1: the smallest change this many pairs at this spread can resolve.
+    With fewer than two same-code differences the floor is unknown (NaN) and the pairs alone give v.
     """
     a, b = np.asarray(base, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+    labels = np.arange(a.size) if blocks is None else np.asarray(blocks)
     keep = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
-    d = np.log(b[keep] / a[keep])
+    d, labels = np.log(b[keep] / a[keep]), labels[keep]
     e = np.asarray(same_code_log_diffs, dtype=np.float64)
     e = e[np.isfinite(e)]
-    n = int(d.size)
+    n, m = int(d.size), int(e.size)
     nan = float("nan")
     if n == 0:
-        return PairedChange(0, nan, nan, nan, nan, nan, int(e.size))
+        return PairedChange(0, nan, nan, nan, nan, nan, m)
     mean = float(d.mean())
     if n < 2:
-        return PairedChange(n, math.exp(mean), nan, nan, nan, nan, int(e.size))
-    t_crit = float(_sps.t.ppf(0.5 + level / 2.0, n - 1))
-    se = float(d.std(ddof=1)) / math.sqrt(n)
+        return PairedChange(n, math.exp(mean), nan, nan, nan, nan, m)
+    if m >= 2:
+        block_ids, index = np.unique(labels, return_inverse=True)
+        size = np.bincount(index).astype(np.float64)
+        block_mean = np.bincount(index, weights=d) / size
+        squares = float(np.sum(e * e)) + float(np.sum(size * (block_mean - mean) ** 2))
+        dof = m + block_ids.size - 1
+    else:
+        squares, dof = float(np.sum((d - mean) ** 2)), n - 1
+    t_crit = float(_scipy_stats().t.ppf(0.5 + level / 2.0, dof))
+    se = math.sqrt(squares / dof / n)
     if se > 0:
-        p = float(2.0 * _sps.t.sf(abs(mean) / se, n - 1))
+        p = float(2.0 * _scipy_stats().t.sf(abs(mean) / se, dof))
     else:
         p = 0.0 if mean != 0 else 1.0
-    floor = nan
-    if e.size >= 2:
-        rms = float(np.sqrt(np.mean(e * e)))  # about 0, not the sample mean: drift counts as noise
-        floor = math.expm1(t_crit * rms / math.sqrt(n))
+    floor = math.expm1(t_crit * se) if m >= 2 else nan
     return PairedChange(n, math.exp(mean), math.exp(mean - t_crit * se), math.exp(mean + t_crit * se), p,
-                        floor, int(e.size))
+                        floor, m)
 
 
 def unpaired_change(base, cand, *, level: float = 0.99) -> PairedChange:
@@ -158,11 +179,11 @@ def unpaired_change(base, cand, *, level: float = 0.99) -> PairedChange:
     va, vb = la.var(ddof=1) / la.size, lb.var(ddof=1) / lb.size
     se = math.sqrt(va + vb)
     dof = (va + vb) ** 2 / ((va**2 / (la.size - 1)) + (vb**2 / (lb.size - 1))) if se > 0 else la.size + lb.size - 2
-    t_crit = float(_sps.t.ppf(0.5 + level / 2.0, dof))
-    p = float(2.0 * _sps.t.sf(abs(diff) / se, dof)) if se > 0 else (0.0 if diff else 1.0)
+    t_crit = float(_scipy_stats().t.ppf(0.5 + level / 2.0, dof))
+    p = float(2.0 * _scipy_stats().t.sf(abs(diff) / se, dof)) if se > 0 else (0.0 if diff else 1.0)
     pooled = math.sqrt(((la.size - 1) * la.var(ddof=1) + (lb.size - 1) * lb.var(ddof=1))
                        / (la.size + lb.size - 2))
-    t_pool = float(_sps.t.ppf(0.5 + level / 2.0, la.size + lb.size - 2))
+    t_pool = float(_scipy_stats().t.ppf(0.5 + level / 2.0, la.size + lb.size - 2))
     floor = math.expm1(t_pool * pooled * math.sqrt(1.0 / la.size + 1.0 / lb.size))
     return PairedChange(n, math.exp(diff), math.exp(diff - t_crit * se), math.exp(diff + t_crit * se), p, floor,
                         int(la.size + lb.size - 2))

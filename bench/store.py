@@ -21,12 +21,13 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from loopscope.bench.errors import LoopscopeError
 from loopscope.bench.schema import RESULT_COLUMNS, SAMPLE_COLUMNS
+
+if TYPE_CHECKING:  # pandas is imported where tables are built: a cell's worker never needs it
+    import pandas as pd
 
 LOCK_NAME = ".lock"
 TABLE_NAMES = ("results.parquet", "results.csv", "samples.parquet")
@@ -318,6 +319,8 @@ class RunStore:
 
 def tables_from_records(records: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The tidy results and samples tables of some cell records."""
+    import pandas as pd
+
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
     for record in records.values():

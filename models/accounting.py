@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .blocks import VE_GATE_CHANNELS, value_embed_layers, ve_gate_layers
 from .config import ModelConfig
+from .layout import VE_GATE_CHANNELS, value_embed_layers, ve_gate_layers
 
 KV_ACCOUNTING_POLICIES: tuple[str, ...] = ("per-loop", "last-loop")
 

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 from .cache import CacheKey, KVCache, StaticKVCache
 from .config import ModelConfig
-
-VE_GATE_CHANNELS = 32  # nanochat: the value-embedding gate reads the first 32 channels of the input
+from .layout import VE_GATE_CHANNELS, has_value_embed, value_embed_layers, ve_gate_layers  # noqa: F401
 
 
 def init_std(cfg: ModelConfig) -> float:
@@ -24,24 +23,7 @@ def init_std(cfg: ModelConfig) -> float:
     return math.sqrt(2.0 / (5.0 * cfg.d_model))
 
 
-def has_value_embed(layer: int, n_layers: int) -> bool:
-    """nanochat rule: alternating layers, the last layer always included."""
-    return layer % 2 == (n_layers - 1) % 2
 
-
-def ve_gate_layers(cfg: ModelConfig) -> list[int]:
-    """Physical layers whose attention has a value-embedding gate (a value embedding is added where a
-    layer has both a gate and a table). nanochat: the table rule. Parcae follows its official code: the
-    gate rule counts R * mu_bwd layers, and coda layer ids are offset by R * mu_rec (the unrolled depth)."""
-    if not cfg.value_embeds:
-        return []
-    n = cfg.n_physical_layers
-    if cfg.family != "parcae":
-        return [i for i in range(n) if has_value_embed(i, n)]
-    P, R = cfg.n_prelude, cfg.n_core
-    assert cfg.mu_bwd is not None
-    official_id = [i if i < P + R else i + R * (cfg.mu_rec - 1) for i in range(n)]
-    return [i for i in range(n) if has_value_embed(official_id[i], R * cfg.mu_bwd)]
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -229,10 +211,7 @@ def make_stack(cfg: ModelConfig, layer_ids: range, n_total: int) -> nn.ModuleLis
     return nn.ModuleList(Block(cfg, i in gates) for i in layer_ids)
 
 
-def value_embed_layers(cfg: ModelConfig) -> list[int]:
-    """Physical layers with a value-embedding table (nanochat's alternating rule, also Parcae's)."""
-    n = cfg.n_physical_layers
-    return [i for i in range(n) if has_value_embed(i, n)] if cfg.value_embeds else []
+
 
 
 def out_proj_std(cfg: ModelConfig) -> float:

@@ -503,7 +503,7 @@ _HUGINN_BLOCK_RE = re.compile(r"^transformer\.(prelude|core_block|coda)\.(\d+)\.
 
 def rdm_config_from_huginn(raw: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     """An `rdm` ModelConfig with Huginn's architecture from a RavenConfig-style config.json."""
-    from .rdm import huginn_overrides
+    from .layout import huginn_overrides
 
     for key, want in {"injection_type": "linear", "block_class_name": "SandwichBlock",
                       "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU", "bias": False,

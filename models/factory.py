@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .accounting import param_counts
 from .blocks import init_weights
 from .config import ModelConfig
 from .gpt import GPT
@@ -24,6 +25,9 @@ from .parcae import Parcae
 from .presets import preset
 from .rdm import RDM
 from .ut import UT
+
+# Above this many parameters a model is allocated on meta first, so no throwaway default init runs.
+DIRECT_BUILD_MAX_PARAMS = 50_000_000
 
 FAMILY_CLASSES: dict[str, type[nn.Module]] = {"gpt": GPT, "parcae": Parcae, "rdm": RDM, "looped": Looped, "ut": UT}
 
@@ -47,10 +51,15 @@ def build(name_or_config: str | ModelConfig | dict, *, device: str | torch.devic
     if seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     device = torch.device(device)
-    with torch.device("meta"):
-        model = cls(cfg) if cfg.family == "gpt" else cls(cfg, seed=seed)
-    if device.type == "meta":
-        return model.to(dtype=dtype)
-    model = model.to_empty(device="cpu")
+    if device.type == "meta" or param_counts(cfg).unique > DIRECT_BUILD_MAX_PARAMS:
+        with torch.device("meta"):
+            model = cls(cfg) if cfg.family == "gpt" else cls(cfg, seed=seed)
+        if device.type == "meta":
+            return model.to(dtype=dtype)
+        model = model.to_empty(device="cpu")
+    else:  # small: built in place (meta init pulls in about a second of torch imports); reinitialised below.
+        # Its throwaway default init must not draw from the global generator, as the meta path does not.
+        with torch.random.fork_rng(devices=[]):
+            model = cls(cfg) if cfg.family == "gpt" else cls(cfg, seed=seed)
     init_weights(model, cfg, torch.Generator().manual_seed(seed))
     return model.to(device=device, dtype=dtype)

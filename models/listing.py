@@ -23,7 +23,7 @@ def fidelity_flags(cfg: ModelConfig) -> list[str]:
     for parcae, the Ohio State code for looped models with GPT-2 blocks."""
     flags: list[str] = []
     if cfg.family == "rdm":
-        from .rdm import huginn_overrides
+        from .layout import huginn_overrides
 
         huginn = huginn_overrides(cfg.d_model)
         checks = [

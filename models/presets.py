@@ -13,7 +13,7 @@ in matched pairs:
 from __future__ import annotations
 
 from .config import ModelConfig
-from .rdm import huginn_overrides
+from .layout import huginn_overrides
 
 _PAPER = dict(vocab_size=32_768, value_embeds=True, max_seq_len=2048)
 _TINY = dict(vocab_size=256, max_seq_len=512)

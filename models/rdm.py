@@ -11,34 +11,21 @@ its spectral norm is reported as the stability proxy. Training draws T from Hugi
 (one draw per batch by default) and backpropagates through the last min(T, mu_bwd) loops.
 
 The `rdm-*` presets keep the shared nanochat blocks (QK-norm, relu^2 MLP, no embedding scale, scaled-zero
-init); the `rdm-huginn-*` presets switch every one of those to Huginn's (`HUGINN` below), and
+init); the `rdm-huginn-*` presets switch every one of those to Huginn's (`layout.huginn_overrides`), and
 tests/test_models_rdm_huginn.py checks their logits against Huginn's math with official-shaped weights.
 `listing.fidelity_flags` names each difference a config keeps.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .layout import huginn_d_ff, huginn_overrides  # noqa: F401
 from .recurrence import LoopedLM
-
-
-def huginn_d_ff(d: int) -> int:
-    """SwiGLU width with the parameters of a 4d relu^2 MLP (3 d f = 8 d^2), rounded to a multiple of 8;
-    Huginn's own 17920 / 5280 is about 3.4 d."""
-    return max(8, int(round(8 * d / 3 / 8)) * 8)
-
-
-def huginn_overrides(d: int) -> dict[str, Any]:
-    """The ModelConfig fields that make `rdm` Huginn's architecture (besides sizes)."""
-    return {"mlp": "swiglu", "d_ff": huginn_d_ff(d), "qk_norm": False, "qk_bias": True,
-            "embed_scale": math.sqrt(d), "init": "takase", "norm_eps": 1e-6}
 
 
 class RDM(LoopedLM):

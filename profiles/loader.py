@@ -46,6 +46,7 @@ AXES: dict[str, tuple[type, ...]] = {
     "model": (str,), "workload": (str,), "backend": (str,), "device": (str,), "dtype": (str,),
     "batch": (int,), "seq_len": (int,), "loops_test": (int,), "kv_policy": (str,), "lr": NUM,
     "seeds": (int,),  # training seeds: each model trains (and is evaluated) once per seed
+    "tokens": (int,),  # this sweep's training budget: replaces [train] tokens, tokens_per_param and flops
 }
 
 
@@ -93,6 +94,7 @@ RANGES: dict[str, dict[str, Range]] = {
     "decode": {"prompt_len": Range(1, 2**20), "new_tokens": Range(1, 2**20)},
 }
 AXIS_RANGES: dict[str, Range] = {"batch": Range(1, 65536), "seq_len": Range(1, 2**20), "seeds": Range(0, 2**32 - 1),
+                                 "tokens": Range(1, 1e18),
                                  "loops_test": Range(1, 4096), "lr": Range(0, 10, lo_open=True)}
 # Keys whose values are checked beyond their type: (section, key) -> (test, what a good value is).
 VALUE_RULES: dict[tuple[str, str], tuple[Any, str]] = {
@@ -103,6 +105,7 @@ WORKLOADS = ("train", "eval", "prefill", "decode", "kernels")
 BACKENDS = tuple(BACKEND_SPECS)  # one spelling each; aliases are normalised when a profile is loaded
 DTYPES = ("float32", "bfloat16", "float16")
 KV_POLICIES = ("per-loop", "last-loop")
+OPTIMIZERS = ("adamw", "muon")  # train.optimizer; bench/workloads/optimizers.py builds them
 
 
 @dataclass(frozen=True)

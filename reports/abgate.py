@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from loopscope.bench.errors import LoopscopeError
@@ -174,23 +175,48 @@ def run_once(side: Side, out: Path, *, timeout_s: float, python: str = sys.execu
         raise ABGateError(f"{'base' if side.name == 'A' else 'candidate'} run exited {proc.returncode} "
                           f"with no results: {' | '.join(tail)}")
     run = load_run(out)
-    return timing_values(run.results)
+    return timing_values(run.results, run.samples)
 
 
-def timing_values(results: pd.DataFrame) -> pd.DataFrame:
-    """(cell, metric, value) of the gated timing metrics and their CPU twins, median rows; a cell is named
-    by its axes so that the two sides' cells match even when their cell_id differs."""
+def timing_values(results: pd.DataFrame, samples: pd.DataFrame | None = None) -> pd.DataFrame:
+    """(cell, metric, value) of the gated timing metrics and their CPU twins: the median rows and, where the
+    run kept raw samples, the fastest call (abjudge.FASTEST). A throughput's fastest call is its median
+    scaled by median / fastest latency of the same timer. A cell is named by its axes, so that the two
+    sides' cells match even when their cell_id differs."""
     from loopscope.reports.rundir import AXES, axis_text
 
     names = set(abjudge.GATED_METRICS) | set(abjudge.CPU_TWINS.values())
     rows = results[results["metric"].isin(names) & (results["stat"] == "median")]
+    fastest = _fastest_calls(samples)
     out = []
     for row in rows.to_dict("records"):
         value = float(row["value"]) if row["status"] == "ok" else math.nan
         label = " ".join(f"{a}={axis_text(row[a])}" for a in AXES if a in row and axis_text(row[a]) not in
                          ("", "nan", "None"))
         out.append(dict(cell=label, metric=row["metric"], value=value))
+        latency = THROUGHPUT_LATENCY.get(row["metric"], row["metric"])
+        low = fastest.get((row["cell_id"], latency), math.nan)
+        if latency == row["metric"]:
+            fast = low
+        else:  # throughput at the fastest call: units per call / fastest call
+            median_latency = rows[(rows["cell_id"] == row["cell_id"]) & (rows["metric"] == latency)]["value"]
+            fast = value * float(median_latency.iloc[0]) / low if len(median_latency) and low > 0 else math.nan
+        if math.isfinite(fast) and math.isfinite(value):
+            out.append(dict(cell=label, metric=row["metric"] + abjudge.FASTEST, value=fast))
     return pd.DataFrame(out, columns=["cell", "metric", "value"])
+
+
+# the latency whose calls a throughput counts (same timer)
+THROUGHPUT_LATENCY = {"tokens_per_s": "latency_ms", "cpu_tokens_per_s": "cpu_latency_ms"}
+
+
+def _fastest_calls(samples: pd.DataFrame | None) -> dict[tuple[str, str], float]:
+    """(cell_id, metric) -> the smallest raw sample of the run's latency metrics."""
+    if samples is None or samples.empty:
+        return {}
+    lat = samples[samples["metric"].isin(["latency_ms", "cpu_latency_ms", "ttft_ms", "cpu_ttft_ms"])]
+    lat = lat[np.isfinite(lat["value"].astype(float)) & (lat["value"].astype(float) > 0)]
+    return {k: float(v) for k, v in lat.groupby(["cell_id", "metric"])["value"].min().items()}
 
 
 def ab_gate(ref: str, *, profile: str = "ci", repo: Path | None = None, budget_s: float = 480.0,

@@ -7,6 +7,7 @@ Colours are fixed per family (and per model, ordered by family) so a model looks
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, PercentFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogFormatter, LogLocator, NullFormatter, PercentFormatter  # noqa: E402
 
 from loopscope.reports import frames, groups  # noqa: E402
 from loopscope.reports.fits import fit_saturation  # noqa: E402
@@ -52,8 +53,24 @@ def _styled(fn: ChartFn) -> ChartFn:
     @functools.wraps(fn)
     def wrapper(run: RunData) -> Chart | Omitted:
         with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.8):
-            return fn(run)
+            chart = fn(run)
+        if isinstance(chart, Chart):
+            _plain_log_ticks(chart.figure)
+        return chart
     return wrapper
+
+
+def _plain_log_ticks(fig: plt.Figure) -> None:
+    """Plain-text labels on log axes that kept matplotlib's own: those are mathtext (`$\\mathdefault{10^{3}}$`),
+    which the report draws as literal text because it turns mathtext off for user-given names."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() != "log":
+                continue
+            if isinstance(axis.get_major_formatter(), LogFormatter):
+                axis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+            if isinstance(axis.get_minor_formatter(), LogFormatter):
+                axis.set_minor_formatter(NullFormatter())
 
 
 # --- small helpers -------------------------------------------------------------------------------
@@ -704,21 +721,25 @@ def train_loss(run: RunData) -> Chart | Omitted:
                   frameon=False)
         ax.set_ylabel("train loss (nats/token; rolling median of 9 steps)")
     else:
-        models = sorted(c["model"].unique(), key=lambda m: (family_rank(c.loc[c["model"] == m, "family"].iloc[0]), m))
-        ncols = min(3, len(models))
-        nrows = math.ceil(len(models) / ncols)
+        # One panel per model and token budget: curves of two training recipes never share a panel.
+        c = c.assign(recipe=c["cell_id"].map(_recipe_labels(run)).fillna(""))
+        panels = sorted(c.groupby(["model", "recipe"]).groups,
+                        key=lambda mr: (family_rank(c.loc[c["model"] == mr[0], "family"].iloc[0]), mr[0], mr[1]))
+        ncols = min(3, len(panels))
+        nrows = math.ceil(len(panels) / ncols)
         fig, grid = plt.subplots(nrows, ncols, figsize=(3.4 * ncols + 0.6, 3.0 * nrows + 0.4), dpi=110,
                                  squeeze=False, sharey=True)
-        palette = dict(zip(lrs, sns.color_palette("viridis", len(lrs)), strict=True))
+        # Distinct hues: neighbouring learning rates (0.002, 0.003) must not share a shade.
+        palette = dict(zip(lrs, sns.color_palette("Dark2", len(lrs)), strict=True))
         axes = list(grid.flat)
-        for ax, model in zip(axes, models, strict=False):
-            for (lr, _cid), g in c[c["model"] == model].groupby(["lr", "cell_id"]):
+        for ax, (model, recipe) in zip(axes, panels, strict=False):
+            for (lr, _cid), g in c[(c["model"] == model) & (c["recipe"] == recipe)].groupby(["lr", "cell_id"]):
                 ax.plot(g["index"], g["smoothed"], color=palette[lr], lw=1.1, label=f"lr={lr:g}")
                 _mark_unfinished(ax, g, top)
-            ax.set_title(model, fontsize=9)
-        for ax in axes[len(models):]:
+            ax.set_title(model + (f" · {recipe}" if recipe else ""), fontsize=9)
+        for ax in axes[len(panels):]:
             ax.set_axis_off()
-        axes = axes[: len(models)]
+        axes = axes[: len(panels)]
         for ax in grid[:, 0]:
             ax.set_ylabel("train loss (rolling median 9)")
         for ax in axes:
@@ -731,6 +752,16 @@ def train_loss(run: RunData) -> Chart | Omitted:
     if len(lrs) <= 1:
         fig.tight_layout()
     return Chart(name, title, fig, _loss_reading(run, c, len(lrs) > 1, top))
+
+
+def _recipe_labels(run: RunData) -> dict[str, str]:
+    """train cell id -> what sets its training recipe apart from the run's other train cells ("" when all
+    share one recipe), e.g. "600,000 tokens" or "batch 4x64"."""
+    recipes = {cid: groups.train_recipe(rec["cell"]) for cid, rec in run.cells.items()
+               if (rec.get("cell") or {}).get("workload") == "train"}
+    keys = sorted({k for r in recipes.values() for k in r})
+    differing = [k for k in keys if len({json.dumps(r.get(k), default=str) for r in recipes.values()}) > 1]
+    return {cid: groups.recipe_text(r, differing) if differing else "" for cid, r in recipes.items()}
 
 
 def _mark_unfinished(ax: plt.Axes, g: pd.DataFrame, top: float | None) -> None:
@@ -747,12 +778,16 @@ def _loss_reading(run: RunData, c: pd.DataFrame, many_lrs: bool, top: float | No
     final = c.groupby("cell_id").agg(model=("model", "first"), lr=("lr", "first"), status=("status", "first"),
                                      steps=("index", "max"),
                                      loss=("value", lambda v: float(np.mean(v.to_numpy()[-max(len(v) // 10, 1):]))))
+    final["recipe"] = final.index.map(_recipe_labels(run)).fillna("")
     ok = final[final["status"] == "ok"].sort_values("loss")
     bad = final[final["status"] != "ok"]
     parts = []
-    if not ok.empty:
-        best = ok.drop_duplicates("model") if many_lrs else ok  # with an lr sweep: each model's best lr
-        parts.append(("best " if many_lrs else "") + "final train loss (mean of the last 10% of steps): " +
+    recipes = list(dict.fromkeys(ok["recipe"]))
+    for recipe in recipes:  # losses after different training recipes are not put in one ranking
+        group = ok[ok["recipe"] == recipe]
+        best = group.drop_duplicates("model") if many_lrs else group  # with an lr sweep: each model's best lr
+        prefix = f"[{recipe}] " if recipe else ""
+        parts.append(prefix + ("best " if many_lrs else "") + "final train loss (mean of the last 10% of steps): " +
                      ", ".join(f"{_series_label(r['model'], r['lr'], many_lrs)} {r['loss']:.3f}"
                                for _, r in best.iterrows()))
     if not bad.empty:

@@ -104,7 +104,7 @@ def header_items(run: RunData) -> list[tuple[str, str]]:
         ("threads", _threads_text(fp.get("threads"))),
         ("calibration", _calibration_text(m.get("calibration") or {})),
         ("corpus", _corpus_text(m.get("corpus") or {})),
-        ("training", _training_text(profile.get("settings") or {}, cells)),
+        ("training", _training_text(profile.get("settings") or {}, cells, _train_budgets(run))),
         ("git", _git_text(m.get("git") or fp.get("git"))),
     ]
     return [(k, v) for k, v in items if v]
@@ -167,19 +167,41 @@ def _calibration_text(cal: dict) -> str:
 def _corpus_text(corpus: dict) -> str:
     if not corpus:
         return ""
+    if corpus.get("read") is False:
+        return f"{corpus.get('name', '?')}: not read ({corpus.get('why', 'no cell reads text')})"
     return (f"{corpus.get('name', '?')}: {corpus.get('train_bytes', '?')} train / {corpus.get('val_bytes', '?')} "
             f"held-out bytes, held-out sha256 {str(corpus.get('val_sha256', ''))[:16]}")
 
 
-def _training_text(settings: dict, cells: pd.DataFrame) -> str:
-    """The optimizer and schedule every train cell shared (blank when the run trains nothing)."""
+def _budget_text(train: dict) -> str:
+    if train.get("tokens_per_param"):
+        return f"{train['tokens_per_param']:g} tokens/param"
+    if train.get("flops"):
+        return f"{train['flops']:.3g} FLOPs (iso-FLOP)"
+    return f"{train['tokens']:,} tokens"
+
+
+def _train_budgets(run: RunData) -> list[str]:
+    """The distinct training budgets of the run's train cells (a sweep's `tokens` axis sets its own)."""
+    budgets: dict[str, None] = {}
+    for record in run.cells.values():
+        cell = record.get("cell") or {}
+        train = (cell.get("settings") or {}).get("train")
+        if cell.get("workload") == "train" and isinstance(train, dict):
+            budgets[_budget_text({**DEFAULTS["train"], **train})] = None
+    return list(budgets)
+
+
+def _training_text(settings: dict, cells: pd.DataFrame, budgets: list[str] | None = None) -> str:
+    """The optimizer and schedule every train cell shared (blank when the run trains nothing), and the
+    training budgets the cells were given (`budgets`, from the cell records; else the profile's)."""
     if cells.empty or "workload" not in cells or not (cells["workload"] == "train").any():
         return ""
     train = {**DEFAULTS["train"], **settings.get("train", {})}
     optimizer = ("Muon (attention and MLP matrices) + AdamW (the rest)" if train.get("optimizer") == "muon"
                  else "AdamW")
-    budget = (f"{train['tokens_per_param']:g} tokens/param" if train.get("tokens_per_param")
-              else f"{train['flops']:.3g} FLOPs (iso-FLOP)" if train.get("flops") else f"{train['tokens']:,} tokens")
+    budget = (" or ".join(budgets) + " (by sweep: see the recipe groups)" if budgets and len(budgets) > 1
+              else budgets[0] if budgets else _budget_text(train))
     return (f"{budget} per model and training seed (a seed fixes the initialisation and the data order, "
             f"the same for every model); {optimizer}, trapezoid schedule (warm-up "
             f"{train['warmup_frac']:g}, cool-down {train['cooldown_frac']:g} of the steps), grad clip "

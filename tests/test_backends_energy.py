@@ -45,3 +45,39 @@ def test_energy_window_opens_at_the_first_timed_call_and_is_topped_up(tmp_path, 
     assert by["energy_j_per_token"]["value"] == pytest.approx(
         by["avg_power_w"]["value"] * metered.meter.duration_s / (10 * metered.calls))
     assert "overlaps the timed calls" in by["energy_j_per_token"]["source"]
+
+
+def _decode_cell(device: str) -> Cell:
+    from loopscope.models import preset
+
+    return Cell(model="gpt-micro", model_config=preset("gpt-micro").to_dict(), workload="decode", device=device,
+                batch=2, seq_len=24,
+                settings={"measure": {"min_time_s": 0.0, "min_count": 2, "warmup": 1, "energy": True,
+                                      "memory": False, "energy_window_s": 0.2},
+                          "decode": {"prompt_len": 16, "new_tokens": 8}})
+
+
+def test_decode_has_an_energy_pass_over_whole_generations(tmp_path, monkeypatch):
+    from loopscope.bench.context import RunContext
+    from loopscope.bench.workloads import decode
+
+    seen = {}
+
+    def fake_pass(call, sync, cell, tokens_per_call, window_s, run_dir):
+        (ttft, steps) = call()  # one whole generation
+        seen.update(tokens=tokens_per_call, steps=len(steps), window=window_s)
+        return [{"metric": "energy_j_per_token", "value": 0.5, "unit": "J/token", "source": "fake"}]
+
+    monkeypatch.setattr(decode, "energy_pass", fake_pass)
+    result = decode.run(_decode_cell("cpu"), RunContext(run_dir=str(tmp_path)))
+    assert seen == {"tokens": 2 * 8, "steps": 7, "window": 0.2}  # batch x new tokens per generation
+    assert [r["value"] for r in result.rows if r["metric"] == "energy_j_per_token"] == [0.5]
+
+
+def test_decode_energy_on_this_cpu_is_measured_or_nan_with_the_reason(tmp_path):
+    from loopscope.bench.context import RunContext
+    from loopscope.bench.workloads import decode
+
+    result = decode.run(_decode_cell("cpu"), RunContext(run_dir=str(tmp_path)))
+    row = next(r for r in result.rows if r["metric"] == "energy_j_per_token")
+    assert math.isfinite(row["value"]) or row["source"].startswith("unavailable")

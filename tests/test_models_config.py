@@ -83,6 +83,26 @@ def test_build_dtype_and_seed():
     assert not torch.equal(sa["wte.weight"], sc["wte.weight"])
 
 
+@pytest.mark.parametrize("name", ["gpt-micro", "parcae-micro", "rdm-micro", "looped-micro", "ut-micro"])
+def test_small_models_built_in_place_get_the_weights_of_the_meta_path(name, monkeypatch):
+    from loopscope.models import factory
+
+    if name not in PRESETS:
+        pytest.skip(f"no preset {name}")
+    torch.manual_seed(11)
+    direct = build(name, seed=5)
+    after_direct = torch.rand(3)
+    monkeypatch.setattr(factory, "DIRECT_BUILD_MAX_PARAMS", -1)  # force meta -> to_empty -> init
+    torch.manual_seed(11)
+    via_meta = build(name, seed=5)
+    assert torch.equal(after_direct, torch.rand(3))  # neither path draws from the global generator
+    a, b = direct.state_dict(), via_meta.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    bufs = dict(via_meta.named_buffers())
+    assert all(torch.equal(v, bufs[k]) for k, v in direct.named_buffers())
+
+
 def test_parcae_init_matches_the_paper():
     model = build("parcae-micro", seed=0)
     inj = model.injection

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loopscope.models import ExitRule, KVCache, build, preset
-from loopscope.models.generate import decode_deviation, generate
+from loopscope.models.generation import decode_deviation, generate
 
 FAMILY_PRESETS = ["gpt-micro", "parcae-micro", "rdm-micro", "looped-micro", "ut-micro", "looped-tiny-k1"]
 

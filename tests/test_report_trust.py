@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from loopscope.bench.cli import main
+from loopscope.bench.errors import ConfigError
 from loopscope.bench.matrix import DEFAULTS, Cell, expand
 from loopscope.bench.schema import metric_row
 from loopscope.bench.store import RunStore
@@ -23,7 +24,7 @@ from loopscope.reports import charts as charts_module
 from loopscope.reports import findings as findings_module
 from loopscope.reports import frames, groups, tables, validity
 from loopscope.reports.report import load_checked, write_report
-from tests.test_report import RunSpec, _cfg, _manifest, _record
+from tests.test_report import RunSpec, _cfg, _manifest, _record, _samples
 
 # Recipe A: the main comparison, three seeds each. Recipe B: a small-batch lr sweep whose models look far
 # better only because they took 4x the optimizer steps: it must never be compared with recipe A.
@@ -39,7 +40,8 @@ def _train(run_id: str, model: str, recipe: dict, lr: float, seed: int) -> dict:
     cell = Cell(model=model, model_config=_cfg(model), workload="train", batch=recipe["batch"],
                 seq_len=recipe["seq_len"], lr=lr, seed=seed, settings={"train": train, "data": DEFAULTS["data"]})
     rows = [metric_row("train_loss", 2.5, "nats/token"), metric_row("train_tokens", recipe["tokens"], "tokens")]
-    return _record(run_id, cell, rows)
+    curve = 2.5 + 3.0 * np.exp(-np.arange(40) / 8.0) - (1.0 if recipe is RECIPE_B else 0.0)
+    return _record(run_id, cell, rows, _samples("train_loss", "nats/token", curve))
 
 
 def _eval(run_id: str, model: str, lr: float, seed: int, T: int | None, train: dict, bpb: float) -> dict:
@@ -270,6 +272,42 @@ seeds = [0, 1, 2]
     assert {c.cell_id for c in plain} <= {c.cell_id for c in cells}  # seed 0 keeps the id it had
 
 
+def test_tokens_axis_gives_a_sweep_its_own_budget_and_links_each_eval_to_its_budget(tmp_path):
+    text = """
+[train]
+tokens = 1000
+tokens_per_param = 3.0
+[[sweep]]
+model = "gpt-micro"
+workload = ["train", "eval"]
+loops_test = 1
+[[sweep]]
+model = "gpt-micro"
+workload = ["train", "eval"]
+tokens = [4000, 8000]
+"""
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    cells = expand(load_profile(str(path)))
+    train = {c.cell_id: c for c in cells if c.workload == "train"}
+    budgets = sorted((c.settings["train"].get("tokens"), c.settings["train"].get("tokens_per_param"))
+                     for c in train.values())
+    assert budgets == [(1000, 3.0), (4000, None), (8000, None)]  # the axis replaces every budget key
+    evals = [c for c in cells if c.workload == "eval"]
+    assert len(evals) == 3
+    for e in evals:
+        assert train[e.depends_on].settings["train"]["tokens"] == e.settings["eval"].get("train_tokens", 1000)
+    path.write_text(text.replace("tokens = [4000, 8000]", "tokens = 0"))
+    with pytest.raises(ConfigError, match=r"sweep\[1\]\.tokens"):
+        expand(load_profile(str(path)))
+
+
+def test_cpu_profile_main_pair_trains_longer_than_its_stability_sweep():
+    cells = expand(load_profile("cpu"))
+    tokens = {(c.model, c.lr): c.settings["train"]["tokens"] for c in cells if c.workload == "train"}
+    assert tokens[("gpt-micro", 3e-3)] == 600_000 and tokens[("parcae-micro", 2e-3)] == 150_000
+
+
 def test_committed_baseline_cell_ids_still_match():
     manifest = json.loads(Path("runs/baseline/ci/manifest.json").read_text())
     assert {c.cell_id for c in expand(load_profile("ci"))} == set(manifest["cell_ids"])
@@ -330,3 +368,57 @@ def test_export_and_history_commands(tmp_path, capsys):
     table = pd.read_csv(tmp_path / "hist" / "history.csv")
     assert set(table["run_id"]) == {"r0", "r1", "r2"}
     assert main(["history", str(runs[0])]) == 2  # one run is not a history
+
+
+def test_run_header_names_every_training_budget_its_sweeps_set():
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from loopscope.reports.report import _train_budgets, _training_text
+
+    def record(workload, train):
+        return {"cell": {"workload": workload, "settings": {"train": train}}}
+
+    run = SimpleNamespace(cells={"a": record("train", {"tokens": 600_000}),
+                                 "b": record("train", {"tokens": 150_000}),
+                                 "c": record("train", {"tokens": 150_000, "tokens_per_param": 2.0}),
+                                 "d": record("eval", {"tokens": 999})})
+    budgets = _train_budgets(run)
+    assert budgets == ["600,000 tokens", "150,000 tokens", "2 tokens/param"]
+    cells = pd.DataFrame({"workload": ["train", "eval"]})
+    assert _training_text({"train": {"tokens": 150_000}}, cells, budgets).startswith(
+        "600,000 tokens or 150,000 tokens or 2 tokens/param (by sweep")
+    assert _training_text({"train": {"tokens": 150_000}}, cells, ["600,000 tokens"]).startswith("600,000 tokens per")
+
+
+def test_training_loss_keeps_recipes_in_their_own_panels_and_rankings(trust_run):
+    run = load_checked(trust_run)
+    chart = charts_module.train_loss(run)
+    assert isinstance(chart, charts_module.Chart), chart
+    titles = [ax.get_title() for ax in chart.figure.axes if ax.get_title()]
+    assert sorted(titles) == sorted([f"{m} · batch 16x64" for m in PLAN_A] + [f"{m} · batch 4x64" for m in PLAN_B])
+    clauses = chart.reading.rstrip(".").split("; ")
+    assert [c.split("]")[0] for c in clauses] == ["[batch 4x64", "[batch 16x64"]  # recipe B's loss is lower
+    for clause in clauses:
+        named = _named(clause, set(PLAN_A) | set(PLAN_B))
+        assert named in (set(PLAN_A), set(PLAN_B)), clause
+
+
+def test_log_axes_are_labelled_in_plain_text_since_the_report_turns_mathtext_off():
+    import matplotlib.pyplot as plt
+
+    @charts_module._styled
+    def log_chart(_run):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3], [1.0, 1e4, 1e16])
+        ax.set_yscale("log")
+        return charts_module.Chart("log", "log", fig, "")
+
+    with plt.rc_context({"text.parse_math": False}):
+        chart = log_chart(None)
+        chart.figure.canvas.draw()
+        labels = [t.get_text() for t in chart.figure.axes[0].get_yticklabels() if t.get_text()]
+    plt.close(chart.figure)
+    assert labels and not any("$" in label or "mathdefault" in label for label in labels), labels
+    assert "1e+16" in labels

@@ -3,6 +3,8 @@
 Generation is plain Python around the cache (greedy). Each repetition starts from an empty cache:
 the prompt's prefill gives the TTFT sample, each following step a per-token latency sample.
 Repetitions continue until both the minimum time and the minimum count are met.
+Energy per token is the energy of whole generations over the tokens they generated (each generation's
+prompt prefill included, as a request pays it).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from loopscope.bench.schema import metric_row
 from loopscope.bench.stats import summarize
 from loopscope.bench.workloads import WorkloadResult
 from loopscope.bench.workloads.common import DTYPES
-from loopscope.bench.workloads.prefill import analytic_memory_rows
+from loopscope.bench.workloads.prefill import OverlappedEnergy, analytic_memory_rows, energy_pass
 
 
 def _generate(gen: Any, prompt: np.ndarray, new_tokens: int, sync: Callable[[], None]
@@ -55,13 +57,21 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
     rng = np.random.default_rng(cell.seed)
     prompt = rng.integers(0, gen.model.config.vocab_size, size=(cell.batch, prompt_len)).astype(np.int64)
 
+    def one_generation() -> tuple[tuple[float, float], list[tuple[float, float]]]:
+        return _generate(gen, prompt, new_tokens, sync)
+
     t_first = time.perf_counter()
-    _generate(gen, prompt, new_tokens, sync)  # warm-up
+    one_generation()  # warm-up
     first_call_s = time.perf_counter() - t_first
+    window_s = float(measure["energy_window_s"])
+    # As in prefill: on a GPU the energy window overlaps the timed generations; on a CPU the RAPL poller
+    # runs in a pass of its own, after them.
+    metered = OverlappedEnergy(one_generation, cell, 0, window_s) \
+        if measure["energy"] and cell.device.startswith("cuda") else None
     ttfts, step_s, gen_rates, cpu_ttfts, cpu_step_s = [], [], [], [], []
     start = time.perf_counter()
     while len(ttfts) < int(measure["min_count"]) or time.perf_counter() - start < float(measure["min_time_s"]):
-        ttft, steps = _generate(gen, prompt, new_tokens, sync)
+        ttft, steps = (metered or one_generation)()
         ttfts.append(ttft[0])
         cpu_ttfts.append(ttft[1])
         step_s.extend(s[0] for s in steps)
@@ -90,6 +100,11 @@ def run(cell: Cell, ctx: RunContext) -> WorkloadResult:
                                   source=f"batch {cell.batch} x decode steps / step time, per generation"))
     result.rows.append(metric_row("compile_s", max(first_call_s - (np.median(ttfts) + sum(step_s) / len(ttfts)), 0.0),
                                   "s", source="warm-up generation minus a steady one"))
+    generated = cell.batch * new_tokens  # energy per generated token: each generation's prompt prefill included
+    if metered is not None:
+        result.rows += metered.finish(sync, generated, ctx.run_dir)
+    elif measure["energy"]:
+        result.rows += energy_pass(one_generation, sync, cell, generated, window_s, ctx.run_dir)
     kv = gen.cache_bytes()
     result.rows.append(metric_row("kv_cache_bytes", kv, "bytes", stat="measured",
                                   source=f"KVCache.used_bytes at {prompt_len + new_tokens - 1} positions"))
@@ -149,7 +164,7 @@ def deviation_rows(cell: Cell, idx: np.ndarray) -> list[dict]:
     measures by how much instead of hiding it.
     """
     from loopscope.models import build
-    from loopscope.models.generate import decode_deviation
+    from loopscope.models.generation import decode_deviation
 
     model = build(cell.model_config, seed=cell.seed).eval()  # fp32 reference, whatever the cell's dtype
     with torch.inference_mode():

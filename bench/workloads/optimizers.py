@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-OPTIMIZERS = ("adamw", "muon")
+from loopscope.profiles.loader import OPTIMIZERS
+
 MUON_PARAM = re.compile(r"\.(attn|mlp)\.[^.]+\.weight$")
 
 
