@@ -37,7 +37,7 @@ except ModuleNotFoundError:  # pragma: no cover - only on 3.10
 
 FOLDERS = ("bench", "models", "kernels", "profiles", "reports")
 TIMING_WORKLOADS = ("prefill", "decode")
-MIN_TIME_S = 1.0  # timed seconds per cell and process, at least
+MIN_TIME_S = 0.3  # timed seconds per cell and process, at least
 
 
 class ABGateError(LoopscopeError):
