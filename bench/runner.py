@@ -273,13 +273,15 @@ def _run_cells(store: RunStore, ctx: RunContext, settings: dict, executor: Execu
     progress = Progress(len(pending), estimates=[_estimate(c)[0] for c in pending])
     probes = CalibrationProbes.resume(old, ctx.calibration, settings.get("device", "cpu"))
     startups: list[float] = []
+    last = pending[-1].cell_id
 
     def on_done(cell: Cell, record: dict) -> None:
         if record.get("startup_s"):
             startups.append(record["startup_s"])
         progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
         probes.after_cell(cell.cell_id)  # load during the cell; a calibration probe every few minutes
-        store.write_tables()
+        if cell.cell_id != last:  # partial tables while the sweep goes on; the run writes the final ones
+            store.write_tables()
 
     preload: list[float] = []
     try:
