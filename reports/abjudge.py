@@ -1,8 +1,11 @@
 """Judging process-level repetitions: per cell and timing metric, paired ratios, A/A noise floor, verdict.
 
-Input: one value per (side, repetition, cell, metric), each the summary of one process (the median of its
-timed calls). Repetitions come in blocks of two A and two B processes (ABBA or BAAB, order randomised):
-the i-th A of a block is paired with its i-th B, and A vs A', B vs B' measure what the same code does twice.
+Input: one value per (side, repetition, cell, metric), each the summary of one process (the median or the
+fastest of its timed calls). Repetitions come in blocks (the gate runs ABBAAB or BAABBA, order randomised).
+From BEST_OF_MIN_BLOCKS blocks on, each block's best process per side is compared (bench/stats.py,
+best_of_blocks_change: relabelling inside blocks gives the interval and the noise floor). With fewer, the
+i-th A of a block is paired with its i-th B, and A vs A', B vs B' measure what the same code does twice
+(paired_change: the pooled floor).
 
 Verdicts (per cell and metric, the metric's bad direction from the rules):
   fail        the change is significant (its CI excludes no change) and larger than both the tolerance and
@@ -128,8 +131,8 @@ def judge_blocks(values: pd.DataFrame, *, tolerance: float, level: float = 0.99,
 
 ESTIMATORS = {
     "pooled": "pairs judged by their mean, noise floor pooled from A vs A' and B vs B'",
-    "best-of-block": (f"each block's better process per side, block ratios {TRIM:.0%}-trimmed "
-                      "(Yuen); noise floor from how far the blocks disagree"),
+    "best-of-block": (f"each block's best process per side, block ratios {TRIM:.0%}-trimmed; interval and "
+                      "noise floor from relabelling each block's processes"),
 }
 
 
@@ -143,11 +146,10 @@ def _estimator(sel: pd.DataFrame) -> str:
 
 def _change(sel: pd.DataFrame, direction: str, level: float) -> PairedChange:
     if _estimator(sel) == "best-of-block":
-        base_blocks, cand_blocks = [], []
-        for _, block in sel.groupby("block", sort=True):
-            base_blocks.append(list(block[block["side"] == "A"]["value"].astype(float)))
-            cand_blocks.append(list(block[block["side"] == "B"]["value"].astype(float)))
-        return best_of_blocks_change(base_blocks, cand_blocks, lower_is_better=direction == "lower", level=level)
+        blocks = [(list(block[block["side"] == "A"]["value"].astype(float)),
+                   list(block[block["side"] == "B"]["value"].astype(float)))
+                  for _, block in sel.groupby("block", sort=True)]
+        return best_of_blocks_change(blocks, lower_is_better=direction == "lower", level=level)
     base, cand, same, blocks = _paired_values(sel)
     return paired_change(base, cand, same, blocks=blocks, level=level)
 
