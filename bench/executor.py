@@ -100,6 +100,7 @@ class LocalExecutor:
         self.fork_server = fork_server
         self.worker_entry = worker_entry  # module:function a forked worker runs
         self._server: ForkServer | None = None
+        self.server_import_s: float | None = None  # the fork server's imports, once per run (manifest)
 
     def _start_worker(self, job: Path, env: dict[str, str]) -> subprocess.Popen | ForkedWorker:
         if not self.fork_server:
@@ -128,9 +129,6 @@ class LocalExecutor:
             self._server.close()
             self._server = None
 
-    @property
-    def server_preload_s(self) -> float | None:
-        return self._server.preload_s if self._server is not None else None
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         job = Path(os.path.abspath(self.store.jobs_dir / cell.cell_id))
@@ -141,6 +139,7 @@ class LocalExecutor:
         server = self.prepare()
         if server is not None:
             server.wait_ready()  # its imports are the run's cost (manifest: fork_server_import_s), not the cell's
+            self.server_import_s = max(self.server_import_s or 0.0, server.preload_s or 0.0)
         started = time.perf_counter()
         # Its own process group (so a timeout kills the worker's whole tree), in this session; the worker
         # stops itself if this process (or its fork server) dies (worker_guard), and an interrupt here

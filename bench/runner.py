@@ -283,19 +283,17 @@ def _run_cells(store: RunStore, ctx: RunContext, settings: dict, executor: Execu
         if cell.cell_id != last:  # partial tables while the sweep goes on; the run writes the final ones
             store.write_tables()
 
-    preload: list[float] = []
     try:
-        executor.run_all(pending, statuses, on_start=lambda cell: progress.starting(cell.label),
-                         on_done=lambda cell, record: (on_done(cell, record),
-                                                       preload.append(getattr(executor, "server_preload_s", None))))
+        executor.run_all(pending, statuses, on_start=lambda cell: progress.starting(cell.label), on_done=on_done)
     finally:
         progress.close()
     manifest = {**store.read_manifest(), **probes.manifest_entries()}
     if startups:
         fixed = {"median_startup_s": statistics.median(startups),
                  "what": "worker process start-up and imports, before the workload"}
-        if any(preload):
-            fixed["fork_server_import_s"] = max(p for p in preload if p)
+        imported = getattr(executor, "server_import_s", None)
+        if imported:
+            fixed["fork_server_import_s"] = imported
             fixed["what"] = ("worker start-up (fork from a server that imported torch once, per run: "
                              "fork_server_import_s) and the cell's own imports, before the workload")
         manifest["cell_fixed_cost_s"] = fixed
