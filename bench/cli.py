@@ -116,9 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                    "in interleaved fresh processes and judge their timing cells")
     g.add_argument("--profile", default="ci", help="A/B mode: the profile whose timing cells are run")
     g.add_argument("--budget-s", type=float, default=480.0, help="A/B mode: time budget (default 480)")
-    g.add_argument("--min-blocks", type=int, default=2, help="A/B mode: at least this many ABBA blocks")
+    g.add_argument("--min-blocks", type=int, default=2, help="A/B mode: at least this many blocks (ABBAAB or BAABBA)")
     g.add_argument("--tolerance", type=float, default=0.05, help="A/B mode: accepted slowdown (default 0.05)")
-    g.add_argument("--seed", type=int, help="A/B mode: seed of the ABBA/BAAB order (default: random)")
+    g.add_argument("--seed", type=int, help="A/B mode: seed of the block orders (default: random)")
     g.add_argument("--keep", type=Path, help="A/B mode: keep the checkout and every run under this folder")
     g.add_argument("--rules", type=Path, help="TOML rules per metric (default: shipped rules)")
     g.add_argument("--all-metrics", action="store_true",

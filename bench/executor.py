@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from loopscope.bench.context import RunContext
+from loopscope.bench.forkserver import ENTRY as FORK_ENTRY
+from loopscope.bench.forkserver import ForkedWorker, ForkServer
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import unmeasured
 from loopscope.bench.store import RunStore, atomic_write_text, dumps
 from loopscope.bench.worker_guard import PARENT_ENV
 
 POLL_S = 0.05
+FRESH_WORKERS_ENV = "LOOPSCOPE_FRESH_WORKERS"  # 1: a fresh interpreter per cell, no fork server
 STDERR_TAIL = 2000
 
 
@@ -84,11 +87,48 @@ class LocalExecutor:
     """One subprocess per cell on this machine."""
 
     def __init__(self, store: RunStore, ctx: RunContext, *, memory_limit_bytes: int | None = None,
-                 worker_cmd: list[str] | None = None) -> None:
+                 worker_cmd: list[str] | None = None, fork_server: bool | None = None,
+                 worker_entry: str = FORK_ENTRY) -> None:
         self.store = store
         self.ctx = ctx
         self.memory_limit_bytes = memory_limit_bytes
         self.worker_cmd = worker_cmd or [sys.executable, "-m", "loopscope.bench.worker"]
+        # Fork workers from a server that imported torch once (bench/forkserver.py), unless a custom worker
+        # command is given or LOOPSCOPE_FRESH_WORKERS=1 asks for a fresh interpreter per cell.
+        if fork_server is None:
+            fork_server = worker_cmd is None and os.environ.get(FRESH_WORKERS_ENV, "") in ("", "0")
+        self.fork_server = fork_server
+        self.worker_entry = worker_entry  # module:function a forked worker runs
+        self._server: ForkServer | None = None
+        self.server_import_s: float | None = None  # the fork server's imports, once per run (manifest)
+
+    def _start_worker(self, job: Path, env: dict[str, str]) -> subprocess.Popen | ForkedWorker:
+        if not self.fork_server:
+            with open(job / "stdout.txt", "wb") as out, open(job / "stderr.txt", "wb") as err:
+                return subprocess.Popen([*self.worker_cmd, str(job)], stdout=out, stderr=err,
+                                        stdin=subprocess.DEVNULL, process_group=0, env=env)
+        return self.prepare(env).spawn(job)
+
+    def prepare(self, env: dict[str, str] | None = None) -> ForkServer | None:
+        """Start the fork server now (it imports torch while the run does its own set-up); None without one."""
+        if not self.fork_server:
+            return None
+        if self._server is None or not self._server.alive():
+            if self._server is not None:
+                self._server.close()
+            self._server = ForkServer(env or self._worker_env(), self.store.jobs_dir, entry=self.worker_entry)
+        return self._server
+
+    @staticmethod
+    def _worker_env() -> dict[str, str]:
+        return {**os.environ, PARENT_ENV: str(os.getpid())}
+
+    def close(self) -> None:
+        """Stop the fork server, if one was started."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
 
     def run_cell(self, cell: Cell) -> dict[str, Any]:
         job = Path(os.path.abspath(self.store.jobs_dir / cell.cell_id))
@@ -96,24 +136,28 @@ class LocalExecutor:
         job.mkdir(parents=True)
         atomic_write_text(job / "cell.json", dumps(cell.to_dict()))
         atomic_write_text(job / "context.json", dumps(self.ctx.to_dict()))
+        server = self.prepare()
+        if server is not None:
+            server.wait_ready()  # its imports are the run's cost (manifest: fork_server_import_s), not the cell's
+            self.server_import_s = max(self.server_import_s or 0.0, server.preload_s or 0.0)
         started = time.perf_counter()
-        with open(job / "stdout.txt", "wb") as out, open(job / "stderr.txt", "wb") as err:
-            # Its own process group (so a timeout kills the worker's whole tree), in this session; the
-            # worker stops itself if this process dies (worker.watch_parent), and an interrupt here
-            # kills it before the interrupt goes on.
-            env = {**os.environ, PARENT_ENV: str(os.getpid())}
-            proc = subprocess.Popen([*self.worker_cmd, str(job)], stdout=out, stderr=err,
-                                    stdin=subprocess.DEVNULL, process_group=0, env=env)
-            self.store.note_worker(proc.pid, running=True)
-            try:
-                status, reason = self._wait(proc, cell.timeout_s)
-            except BaseException:
-                self._kill(proc)
-                raise
-            finally:
-                _kill_group(proc.pid)  # anything the worker started and left behind
-                self.store.note_worker(proc.pid, running=False)
+        # Its own process group (so a timeout kills the worker's whole tree), in this session; the worker
+        # stops itself if this process (or its fork server) dies (worker_guard), and an interrupt here
+        # kills it before the interrupt goes on.
+        proc = self._start_worker(job, self._worker_env())
+        self.store.note_worker(proc.pid, running=True)
+        try:
+            status, reason = self._wait(proc, cell.timeout_s)
+        except BaseException:
+            self._kill(proc)
+            raise
+        finally:
+            _kill_group(proc.pid)  # anything the worker started and left behind
+            self.store.note_worker(proc.pid, running=False)
         wall_s = time.perf_counter() - started
+        if isinstance(proc, ForkedWorker) and self._server is not None and self._server.failure:
+            with open(job / "stderr.txt", "a", encoding="utf-8") as err:
+                err.write(f"\n{self._server.failure}\n")
         stderr_tail = (job / "stderr.txt").read_bytes()[-STDERR_TAIL:].decode("utf-8", "replace")
         result: dict[str, Any] = {}
         if (job / "result.json").is_file():

@@ -18,6 +18,7 @@ from importlib import metadata
 from typing import Any
 
 from loopscope.bench.meters import nvml as nvml_seam
+from loopscope.profiles.detect import NO_GPU_NODE, detect_device_class, gpu_device_nodes
 
 ENV_PREFIXES: tuple[str, ...] = ("OPENBLAS_", "OMP_", "MKL_", "NUMBA_", "KMP_", "GOMP_")
 ENV_NAMES: tuple[str, ...] = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PYTORCH_CUDA_ALLOC_CONF",
@@ -30,8 +31,6 @@ def fingerprint(*, nvml: Any = None, cwd: str | None = None, env: Mapping[str, s
                 torch_cuda: Any = None) -> dict[str, Any]:
     """The machine and software fingerprint (see module docstring). Arguments are test seams."""
     env = os.environ if env is None else env
-    from loopscope.profiles.detect import detect_device_class
-
     device_class = detect_device_class(nvml=nvml, torch_cuda=torch_cuda)
     return {
         "created_unix_s": time.time(),
@@ -227,6 +226,8 @@ def versions() -> dict[str, str | None]:
 
 
 def torch_info() -> dict[str, Any]:
+    if "torch" not in sys.modules and not gpu_device_nodes():
+        return torch_build_info()
     try:
         import torch
     except ImportError as exc:
@@ -244,17 +245,53 @@ def torch_info() -> dict[str, Any]:
     }
 
 
+def torch_build_info() -> dict[str, Any]:
+    """torch's version and build, read from its installed files without importing it (no GPU node here,
+    so no CUDA device either); its runtime settings are those of each worker, which sets its own."""
+    import ast
+    from importlib.util import find_spec
+
+    try:
+        spec = find_spec("torch")
+    except (ImportError, ValueError) as exc:
+        return {"available": False, "reason": str(exc)}
+    if spec is None or not spec.submodule_search_locations:
+        return {"available": False, "reason": "torch is not installed"}
+    build: dict[str, Any] = {}
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "version.py")
+    try:
+        for node in ast.parse(open(path, encoding="utf-8").read()).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+            if isinstance(target, ast.Name) and isinstance(getattr(node, "value", None), ast.Constant):
+                build[target.id] = node.value.value
+    except (OSError, SyntaxError) as exc:
+        return {"available": True, "reason": f"{path}: cannot read the build ({exc})"}
+    return {"version": build.get("__version__"), "cuda_build": build.get("cuda"),
+            "hip_build": build.get("hip"), "cudnn": None, "cuda_available": False,
+            "cuda_device_count": 0, "read_from": f"{path} (torch not imported: {NO_GPU_NODE})"}
+
+
 def thread_info() -> dict[str, Any]:
     """Thread pools as configured. Numba's layer is reported only if already initialised: querying
     numba.get_num_threads() would itself launch the thread pool and pick a layer."""
     out: dict[str, Any] = {}
-    try:
-        import torch
-
-        out["torch_num_threads"] = torch.get_num_threads()
-        out["torch_num_interop_threads"] = torch.get_num_interop_threads()
-    except ImportError:
+    if "torch" not in sys.modules and not gpu_device_nodes():
         out["torch_num_threads"] = None
+        out["torch_threads_note"] = "torch is imported only by the cell workers; see workers.threads"
+    else:
+        try:
+            import torch
+
+            out["torch_num_threads"] = torch.get_num_threads()
+            out["torch_num_interop_threads"] = torch.get_num_interop_threads()
+        except ImportError:
+            out["torch_num_threads"] = None
+    if "numba" not in sys.modules:  # importing numba costs a tenth of a second; its config is the env's
+        out["numba_num_threads_config"] = int(os.environ.get("NUMBA_NUM_THREADS") or os.cpu_count() or 1)
+        out["numba_threading_layer_config"] = os.environ.get("NUMBA_THREADING_LAYER", "default")
+        out["numba_threading_layer"] = "not initialised (numba not imported in this process)"
+        out["blas_pools"] = _threadpool_summary()
+        return out
     try:
         import numba
         from numba.np.ufunc import parallel as numba_parallel

@@ -211,7 +211,7 @@ def expand(profile: Profile, *, device: str = "cpu") -> list[Cell]:
                 continue
             cell = dataclasses.replace(cell, depends_on=train.cell_id)
         ordered.append(cell)
-    from loopscope.bench.workloads.distributed import world_size_errors
+    from loopscope.bench.workloads.budgets import world_size_errors
 
     errors.extend(world_size_errors(profile.path, ordered))
     if errors:

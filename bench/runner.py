@@ -13,7 +13,7 @@ from typing import TextIO
 
 from loopscope.bench.context import RunContext
 from loopscope.bench.errors import ConfigError
-from loopscope.bench.executors import make_executor
+from loopscope.bench.executors import Executor, make_executor
 from loopscope.bench.matrix import Cell, expand, resolved_settings
 from loopscope.bench.meters.calibration import CalibrationProbes
 from loopscope.bench.progress import Progress
@@ -56,8 +56,7 @@ def select(cells: list[Cell], patterns: tuple[str, ...]) -> list[Cell]:
 
 def _estimate(cell: Cell) -> tuple[float, float]:
     """Rough (seconds, bytes) of a cell from its analytic FLOPs, for --dry-run only."""
-    from loopscope.bench.workloads.prefill import analytic_memory_rows
-    from loopscope.bench.workloads.train import token_budget
+    from loopscope.bench.workloads.budgets import analytic_memory_rows, token_budget
     from loopscope.models import ModelConfig, flops_per_token, param_counts
 
     cfg = ModelConfig.from_dict(cell.model_config)
@@ -235,6 +234,11 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
         ctx = RunContext(run_dir=str(store.run_dir), device_class=device_class, calibration=calibration,
                          trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]),
                          numba_threading=str(settings["numba_threading"]))
+        if pending:  # after calibration, which must have the machine to itself
+            executor = make_executor(opts.executor, store, ctx, address=opts.address,
+                                     memory_limit_bytes=int(float(settings["memory_limit_gb"]) * 2**30))
+            if hasattr(executor, "prepare"):
+                executor.prepare()  # the worker fork server imports torch while the manifest is written
         manifest = _manifest(store, profile, matrix, ctx, old)
         if opts.shard:
             manifest["shard"] = {"spec": opts.shard, "cells": len(cells)}
@@ -243,7 +247,7 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
             print(f"profile changed ({old.get('profile', {}).get('hash')} -> {profile.raw_hash}): the tables keep "
                   f"only cells of the new matrix", file=out)
     if pending:
-        _run_cells(store, ctx, settings, pending, cells, statuses, old, opts, out)
+        _run_cells(store, ctx, settings, executor, pending, cells, statuses, old, out)
     else:
         failed = sum(statuses.get(c.cell_id) != "ok" for c in cells)
         note = f" ({failed} failed; rerun them with --retry-failed)" if failed else ""
@@ -263,21 +267,21 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
     return EXIT_CELLS_NOT_OK if failed else 0
 
 
-def _run_cells(store: RunStore, ctx: RunContext, settings: dict, pending: list[Cell], cells: list[Cell],
-               statuses: dict[str, str], old: dict, opts: RunOptions, out: TextIO) -> None:
+def _run_cells(store: RunStore, ctx: RunContext, settings: dict, executor: Executor, pending: list[Cell],
+               cells: list[Cell], statuses: dict[str, str], old: dict, out: TextIO) -> None:
     print(f"running {len(pending)} of {len(cells)} cells into {store.run_dir}", file=out)
-    memory_limit = int(float(settings["memory_limit_gb"]) * 2**30)
-    executor = make_executor(opts.executor, store, ctx, memory_limit_bytes=memory_limit, address=opts.address)
     progress = Progress(len(pending), estimates=[_estimate(c)[0] for c in pending])
     probes = CalibrationProbes.resume(old, ctx.calibration, settings.get("device", "cpu"))
     startups: list[float] = []
+    last = pending[-1].cell_id
 
     def on_done(cell: Cell, record: dict) -> None:
         if record.get("startup_s"):
             startups.append(record["startup_s"])
         progress.finished(cell.label, record["status"], record["wall_s"], record["reason"])
         probes.after_cell(cell.cell_id)  # load during the cell; a calibration probe every few minutes
-        store.write_tables()
+        if cell.cell_id != last:  # partial tables while the sweep goes on; the run writes the final ones
+            store.write_tables()
 
     try:
         executor.run_all(pending, statuses, on_start=lambda cell: progress.starting(cell.label), on_done=on_done)
@@ -285,8 +289,14 @@ def _run_cells(store: RunStore, ctx: RunContext, settings: dict, pending: list[C
         progress.close()
     manifest = {**store.read_manifest(), **probes.manifest_entries()}
     if startups:
-        manifest["cell_fixed_cost_s"] = {"median_startup_s": statistics.median(startups),
-                                         "what": "worker process start-up and imports, before the workload"}
+        fixed = {"median_startup_s": statistics.median(startups),
+                 "what": "worker process start-up and imports, before the workload"}
+        imported = getattr(executor, "server_import_s", None)
+        if imported:
+            fixed["fork_server_import_s"] = imported
+            fixed["what"] = ("worker start-up (fork from a server that imported torch once, per run: "
+                             "fork_server_import_s) and the cell's own imports, before the workload")
+        manifest["cell_fixed_cost_s"] = fixed
     store.write_manifest(manifest)
 
 

@@ -44,7 +44,9 @@ def apply_numba_threading(layer: str) -> None:
         config.reload_config()
 
 
-def main(job_dir: str) -> int:
+def main(job_dir: str, *, started: float | None = None) -> int:
+    """Run the cell of `job_dir`. `started`: when this process began (perf_counter), for a worker forked
+    by bench/forkserver.py; by default, when this module was imported."""
     from loopscope.bench.worker_guard import watch_parent
 
     watch_parent()
@@ -58,12 +60,12 @@ def main(job_dir: str) -> int:
     cell = Cell.from_dict(json.loads((job / "cell.json").read_text()))
     ctx = RunContext(**json.loads((job / "context.json").read_text()))
     if ctx.threads:
-        from loopscope.kernels.threads import set_threads
+        from loopscope.bench.threads import set_threads
 
         set_threads(ctx.threads)
     import torch  # noqa: F401  (import cost is part of the measured start-up)
 
-    startup_s = time.perf_counter() - _T_START
+    startup_s = time.perf_counter() - (_T_START if started is None else started)
     t0 = time.perf_counter()
     tb = ""
     try:

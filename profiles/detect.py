@@ -8,6 +8,8 @@ reason string says which rule fired.
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +57,23 @@ def classify_gpu(name: str, memory_bytes: int, *, brand: int | None = None,
     return DATACENTER_GPU, f"{label}: unknown part with 32 GB or more, sized as datacenter by memory"
 
 
+# Device nodes a GPU runtime needs: NVIDIA (/dev/nvidia0 ...), ROCm (/dev/kfd), CUDA under WSL2 (/dev/dxg).
+GPU_NODE_PATTERNS = ("nvidia[0-9]*", "kfd", "dxg")
+NO_GPU_NODE = "no GPU device node (/dev/nvidia*, /dev/kfd, /dev/dxg) on this machine"
+
+
+def gpu_device_nodes(dev: str = "/dev") -> list[str]:
+    """The GPU device nodes present. Without any, torch can see no GPU, which is known here without
+    `import torch` (most of a second that a CPU-only parent process need not pay)."""
+    return sorted(p for pattern in GPU_NODE_PATTERNS for p in glob.glob(os.path.join(dev, pattern)))
+
+
 def detect_device_class(*, nvml: Any = None, torch_cuda: Any = None) -> DeviceClass:
     """Detect the class of this machine. `torch_cuda` (default torch.cuda) and `nvml` (default pynvml)
     are seams for tests; both only need the few functions used here."""
     if torch_cuda is None:
+        if not gpu_device_nodes():
+            return DeviceClass(CPU, NO_GPU_NODE, "cpu")
         try:
             import torch
         except ImportError as exc:

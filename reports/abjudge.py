@@ -1,8 +1,11 @@
 """Judging process-level repetitions: per cell and timing metric, paired ratios, A/A noise floor, verdict.
 
-Input: one value per (side, repetition, cell, metric), each the summary of one process (the median of its
-timed calls). Repetitions come in blocks of two A and two B processes (ABBA or BAAB, order randomised):
-the i-th A of a block is paired with its i-th B, and A vs A', B vs B' measure what the same code does twice.
+Input: one value per (side, repetition, cell, metric), each the summary of one process (the median or the
+fastest of its timed calls). Repetitions come in blocks (the gate runs ABBAAB or BAABBA, order randomised).
+From BEST_OF_MIN_BLOCKS blocks on, each block's best process per side is compared (bench/stats.py,
+best_of_blocks_change: relabelling inside blocks gives the interval and the noise floor). With fewer, the
+i-th A of a block is paired with its i-th B, and A vs A', B vs B' measure what the same code does twice
+(paired_change: the pooled floor).
 
 Verdicts (per cell and metric, the metric's bad direction from the rules):
   fail        the change is significant (its CI excludes no change) and larger than both the tolerance and
@@ -25,7 +28,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from loopscope.bench.stats import PairedChange, paired_change
+from loopscope.bench.stats import (
+    BEST_OF_MIN_BLOCKS,
+    TRIM,
+    PairedChange,
+    best_of_blocks_change,
+    paired_change,
+)
 
 # metric -> its process CPU time twin (same quantity, timed with the worker's user + sys time)
 CPU_TWINS = {"latency_ms": "cpu_latency_ms", "ttft_ms": "cpu_ttft_ms", "tokens_per_s": "cpu_tokens_per_s"}
@@ -89,8 +98,7 @@ def judge_blocks(values: pd.DataFrame, *, tolerance: float, level: float = 0.99,
                     sel = per_cell[per_cell["metric"] == name + suffix]
                     if sel.empty or set(sel["side"]) != {"A", "B"}:
                         continue
-                    base, cand, same, blocks = _paired_values(sel)
-                    change = paired_change(base, cand, same, blocks=blocks, level=level)
+                    change = _change(sel, direction, level)
                     candidates.append((timer, statistic, change, sel))
             if not candidates:
                 continue
@@ -105,6 +113,7 @@ def judge_blocks(values: pd.DataFrame, *, tolerance: float, level: float = 0.99,
                                    if (c[0], c[1]) != (timer, statistic))
                 notes.append(f"{timer} time, {statistic} call: A/A floor {change.noise_floor:.1%} "
                              f"(others: {others})")
+            notes.append(ESTIMATORS[_estimator(sel)])
             verdict = judge_change(change, direction, tolerance)
             rows.append(dict(
                 cell=cell, metric=metric, timer=timer, statistic=statistic, direction=direction,
@@ -118,6 +127,31 @@ def judge_blocks(values: pd.DataFrame, *, tolerance: float, level: float = 0.99,
     return pd.DataFrame(rows, columns=["cell", "metric", "timer", "statistic", "direction", "n_pairs", "n_same",
                                        "base", "cand", "ratio", "ci_low", "ci_high", "p_value", "noise_floor",
                                        "tolerance", "verdict", "why"])
+
+
+ESTIMATORS = {
+    "pooled": "pairs judged by their mean, noise floor pooled from A vs A' and B vs B'",
+    "best-of-block": (f"each block's best process per side, block ratios {TRIM:.0%}-trimmed; interval and "
+                      "noise floor from relabelling each block's processes"),
+}
+
+
+def _estimator(sel: pd.DataFrame) -> str:
+    """best-of-block from BEST_OF_MIN_BLOCKS full blocks on (few blocks leave it too few degrees of
+    freedom), else pooled. Fixed by the number of blocks, never chosen by which gives the narrower interval."""
+    sides = sel.groupby(["block", "side"]).size().unstack(fill_value=0)
+    full = int(((sides.get("A", 0) >= 2) & (sides.get("B", 0) >= 2)).sum()) if not sides.empty else 0
+    return "best-of-block" if full >= BEST_OF_MIN_BLOCKS else "pooled"
+
+
+def _change(sel: pd.DataFrame, direction: str, level: float) -> PairedChange:
+    if _estimator(sel) == "best-of-block":
+        blocks = [(list(block[block["side"] == "A"]["value"].astype(float)),
+                   list(block[block["side"] == "B"]["value"].astype(float)))
+                  for _, block in sel.groupby("block", sort=True)]
+        return best_of_blocks_change(blocks, lower_is_better=direction == "lower", level=level)
+    base, cand, same, blocks = _paired_values(sel)
+    return paired_change(base, cand, same, blocks=blocks, level=level)
 
 
 def _paired_values(sel: pd.DataFrame) -> tuple[list[float], list[float], list[float], list[int]]:

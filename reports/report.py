@@ -139,7 +139,7 @@ def _versions_text(versions: dict) -> str:
 def _threads_text(threads: Any) -> str:
     if not isinstance(threads, dict):
         return ""
-    parts = [f"torch {threads.get('torch_num_threads', '?')}"]
+    parts = [f"torch {threads['torch_num_threads']}"] if threads.get("torch_num_threads") else []
     for pool in threads.get("blas_pools") or []:
         user, internal = pool.get("user_api", "?"), pool.get("internal_api", "?")
         parts.append(f"{user if user == internal else f'{user} ({internal})'} {pool.get('num_threads', '?')}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loopscope.reports.abgate import ab_gate, link_site, timing_profile
+from loopscope.reports.abgate import MIN_TIME_S, ab_gate, link_site, timing_profile
 from tests import ab_plant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def test_timing_profile_keeps_only_timing_sweeps_with_meters_and_calibration_off
     doc = tomllib.loads((tmp_path / "out.toml").read_text())
     assert [s["workload"] for s in doc["sweep"]] == ["prefill"]
     assert doc["profile"]["calibration"] == "off"
-    assert doc["measure"]["energy"] is False and doc["measure"]["min_time_s"] >= 1.0
+    assert doc["measure"]["energy"] is False and doc["measure"]["min_time_s"] >= MIN_TIME_S
     only_train = tmp_path / "t.toml"
     only_train.write_text('[[sweep]]\nmodel = "gpt-micro"\nworkload = "train"\n')
     assert not timing_profile(only_train, tmp_path / "none.toml")
@@ -101,4 +101,4 @@ def test_a_planted_prefill_slowdown_is_caught(candidate, tmp_path):
     assert result.exit_code == 1, text
     latency = result.table.set_index("metric").loc["latency_ms"]
     assert latency["verdict"] == "fail" and latency["ratio"] > 1.4, text
-    assert "noise floor" in text and "2 ABBA block(s)" in text
+    assert "noise floor" in text and "2 block(s) = 12 processes" in text

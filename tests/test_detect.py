@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -9,9 +12,11 @@ from loopscope.profiles.detect import (
     CONSUMER_GPU,
     CPU,
     DATACENTER_GPU,
+    NO_GPU_NODE,
     DeviceClass,
     classify_gpu,
     detect_device_class,
+    gpu_device_nodes,
 )
 from tests.fake_nvml import FakeGPU, FakeNVML, FakeTorchCuda
 
@@ -32,7 +37,8 @@ def test_no_cuda_device_is_cpu():
 def test_this_machine():
     cls = detect_device_class()
     if not torch.cuda.is_available():
-        assert (cls.name, cls.reason, cls.device) == (CPU, "no CUDA device visible to torch", "cpu")
+        reasons = ("no CUDA device visible to torch", NO_GPU_NODE)
+        assert (cls.name, cls.device) == (CPU, "cpu") and cls.reason in reasons
     else:
         assert cls.name in (CONSUMER_GPU, DATACENTER_GPU) and cls.device == "cuda:0"
 
@@ -85,3 +91,18 @@ def test_several_devices_are_mentioned():
 
 def test_classify_gpu_is_pure():
     assert classify_gpu("NVIDIA H200", 150 * GB) == classify_gpu("NVIDIA H200", 150 * GB, brand=5)
+
+
+def test_no_gpu_device_node_is_cpu_without_importing_torch(tmp_path):
+    assert gpu_device_nodes(str(tmp_path)) == []
+    (tmp_path / "nvidiactl").touch()  # the control node alone is not a device
+    assert gpu_device_nodes(str(tmp_path)) == []
+    for name in ("nvidia0", "kfd"):
+        (tmp_path / name).touch()
+    assert gpu_device_nodes(str(tmp_path)) == [str(tmp_path / "kfd"), str(tmp_path / "nvidia0")]
+    if not gpu_device_nodes():
+        code = ("import sys; from loopscope.profiles.detect import detect_device_class; "
+                "from loopscope.bench.fingerprint import fingerprint; cls = detect_device_class(); "
+                "fp = fingerprint(); assert 'torch' not in sys.modules and 'numba' not in sys.modules; "
+                "assert cls.name == 'cpu' and fp['torch']['version'] and fp['torch']['cuda_available'] is False")
+        subprocess.run([sys.executable, "-c", code], check=True)

@@ -29,13 +29,17 @@ def _cell(action: str, timeout_s: float = 20.0) -> Cell:
                 timeout_s=timeout_s)
 
 
-def test_failed_cells_get_their_status_and_the_sweep_goes_on(tmp_path):
+@pytest.mark.parametrize("forked", [False, True], ids=["fresh-process", "fork-server"])
+def test_failed_cells_get_their_status_and_the_sweep_goes_on(tmp_path, forked):
     store = RunStore(tmp_path / "run")
     store.create()
     ex = LocalExecutor(store, RunContext(run_dir=str(store.run_dir)), memory_limit_bytes=300 * 2**20,
-                       worker_cmd=FAKE)
+                       worker_cmd=FAKE, fork_server=forked, worker_entry="tests.fake_worker:main")
     cells = [_cell("raise"), _cell("sleep", timeout_s=1.5), _cell("alloc"), _cell("die"), _cell("ok")]
-    records = ex.run(cells)
+    try:
+        records = ex.run(cells)
+    finally:
+        ex.close()
     assert [r["status"] for r in records] == ["error", "timeout", "oom", "error", "ok"]
     assert "planted" in records[0]["reason"]
     assert "timeout of 1.5 s" in records[1]["reason"]

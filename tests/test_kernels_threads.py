@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import llvmlite.binding as llvm
 import numba
 import torch
 
 from loopscope import kernels
+from loopscope.bench.threads import set_threads
 from loopscope.kernels import cpu_target
-from loopscope.kernels.threads import set_threads
 
 
 def test_set_threads_sets_every_pool() -> None:
@@ -41,3 +44,13 @@ def test_kernels_package_picks_wide_vectors() -> None:
     features = llvm.get_host_cpu_features().flatten().split(",")
     expected = 512 if "+avx512f" in features else (256 if "+avx2" in features else 128)
     assert cpu_target.vector_info()["numba_vector_bits"] == expected
+
+
+def test_set_threads_before_numba_sizes_its_pool_without_importing_it() -> None:
+    code = ("import os, sys; os.environ.pop('NUMBA_NUM_THREADS', None)\n"
+            "from loopscope.bench.threads import set_threads\n"
+            "record = set_threads(1)\n"
+            "assert 'numba' not in sys.modules, 'numba imported'\n"
+            "import numba\n"
+            "assert numba.get_num_threads() == record['numba'] == 1, (numba.get_num_threads(), record)\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

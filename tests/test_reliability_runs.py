@@ -201,11 +201,11 @@ def test_workers_stop_with_their_run(tmp_path, how):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
-        while not _workers_of(out) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while not list(out.glob("jobs/*/stdout.txt")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the cell's worker has started (forked by the run's fork server, or fresh)
+        time.sleep(1.0)  # mid-cell
         workers = _workers_of(out)
         assert workers, "no worker started"
-        time.sleep(1.0)  # mid-cell
         if how == "ctrl-c":  # what a terminal does: SIGINT to the foreground process group
             os.killpg(proc.pid, signal.SIGINT)
             _, err = proc.communicate(timeout=60)

@@ -11,6 +11,7 @@ from loopscope.bench.context import RunContext
 from loopscope.bench.errors import ConfigError
 from loopscope.bench.matrix import DEFAULTS, Cell, expand
 from loopscope.bench.workloads import Diverged, train
+from loopscope.bench.workloads.budgets import token_budget
 from loopscope.bench.workloads.optimizers import build_optimizers, muon_split
 from loopscope.models import build, preset
 from loopscope.profiles.loader import load_profile
@@ -86,11 +87,11 @@ def test_budgets_in_tokens_per_param_and_flops():
     cfg = ModelConfig.from_dict(cell.model_config)
     per_param = Cell(**{**cell.to_dict(), "settings": {**cell.settings, "train": {
         **cell.settings["train"], "tokens_per_param": 2.0}}})
-    assert train.token_budget(per_param) == int(2.0 * param_counts(cfg).unique)
+    assert token_budget(per_param) == int(2.0 * param_counts(cfg).unique)
     iso_flop = Cell(**{**cell.to_dict(), "settings": {**cell.settings, "train": {
         **cell.settings["train"], "flops": 1e12}}})
-    assert train.token_budget(iso_flop) == int(1e12 / flops_per_token(cfg, 32, mode="train"))
-    assert math.isfinite(train.token_budget(cell))
+    assert token_budget(iso_flop) == int(1e12 / flops_per_token(cfg, 32, mode="train"))
+    assert math.isfinite(token_budget(cell))
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():

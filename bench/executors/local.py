@@ -12,11 +12,14 @@ from loopscope.bench.matrix import Cell
 class SequentialExecutor(LocalExecutor):
     def run_all(self, cells: Iterable[Cell], statuses: dict[str, str], *, on_start: OnStart | None = None,
                 on_done: OnDone | None = None) -> None:
-        for cell in cells:  # expand() orders train cells before the eval cells that read them
-            if on_start:
-                on_start(cell)
-            dep = blocked_by(cell, statuses)
-            record = write_skipped(self, cell, dep) if dep else self.run_cell(cell)
-            statuses[cell.cell_id] = record["status"]
-            if on_done:
-                on_done(cell, record)
+        try:
+            for cell in cells:  # expand() orders train cells before the eval cells that read them
+                if on_start:
+                    on_start(cell)
+                dep = blocked_by(cell, statuses)
+                record = write_skipped(self, cell, dep) if dep else self.run_cell(cell)
+                statuses[cell.cell_id] = record["status"]
+                if on_done:
+                    on_done(cell, record)
+        finally:
+            self.close()

@@ -84,7 +84,9 @@ def run_cell_on_node(cell_data: dict[str, Any], ctx_data: dict[str, Any], run_id
     run_key = hashlib.sha256(ctx.run_dir.encode()).hexdigest()[:10]
     store = CapturingStore(Path(tempfile.gettempdir()) / f"loopscope-ray-{os.getuid()}" / run_key / run_id)
     store.create()
-    executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit_bytes, worker_cmd=worker_cmd)
+    # One cell per task: a fork server would cost what it saves, so each cell gets a fresh interpreter.
+    executor = LocalExecutor(store, ctx, memory_limit_bytes=memory_limit_bytes, worker_cmd=worker_cmd,
+                             fork_server=False)
     try:
         executor.run_cell(cell)
     except BaseException:  # cancelled (KeyboardInterrupt in this task): take the cell's worker with us
@@ -139,7 +141,8 @@ class RayExecutor(LocalExecutor):
     def __init__(self, store: RunStore, ctx: RunContext, *, memory_limit_bytes: int | None = None,
                  worker_cmd: list[str] | None = None, address: str | None = None) -> None:
         import_ray()  # refuse at once, not after the first cells, when Ray is missing
-        super().__init__(store, ctx, memory_limit_bytes=memory_limit_bytes, worker_cmd=worker_cmd)
+        super().__init__(store, ctx, memory_limit_bytes=memory_limit_bytes, worker_cmd=worker_cmd,
+                         fork_server=False)
         self.custom_worker_cmd = worker_cmd  # None: the node's own python runs loopscope's worker
         self.address = address
 

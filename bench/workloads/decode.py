@@ -24,8 +24,9 @@ from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row
 from loopscope.bench.stats import summarize
 from loopscope.bench.workloads import WorkloadResult
+from loopscope.bench.workloads.budgets import analytic_memory_rows
 from loopscope.bench.workloads.common import DTYPES
-from loopscope.bench.workloads.prefill import OverlappedEnergy, analytic_memory_rows, energy_pass
+from loopscope.bench.workloads.prefill import OverlappedEnergy, energy_pass
 
 
 def _generate(gen: Any, prompt: np.ndarray, new_tokens: int, sync: Callable[[], None]

@@ -31,14 +31,11 @@ from loopscope.bench.context import RunContext
 from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.workloads import WorkloadResult
+from loopscope.bench.workloads.budgets import world_size
 from loopscope.bench.workloads.common import build_model, reseed, synchronize
 
 FSDP_MIN_PARAMS = 500_000_000  # the 770m and 1.3b presets; smaller models replicate (DDP)
 STDERR_TAIL = 3000
-
-
-def world_size(cell: Cell) -> int:
-    return int(cell.settings.get("train", {}).get("world_size", 1))
 
 
 def strategy(cell: Cell) -> str:
@@ -48,13 +45,6 @@ def strategy(cell: Cell) -> str:
     if chosen != "auto":
         return chosen
     return "fsdp" if param_counts(ModelConfig.from_dict(cell.model_config)).unique >= FSDP_MIN_PARAMS else "ddp"
-
-
-def world_size_errors(where: str, cells: list[Cell]) -> list[str]:
-    """Load-time checks of multi-process train cells: the global batch must split evenly over the ranks."""
-    return [f"{where}: train.world_size = {world_size(c)} does not divide the batch {c.batch} of cell "
-            f"{c.label!r}; make the batch a multiple of world_size"
-            for c in cells if c.workload == "train" and c.batch % world_size(c)]
 
 
 # --- the launcher (in the cell's worker process) -------------------------------------------------------
@@ -140,6 +130,7 @@ def rank_main(job: Path) -> None:
     from loopscope.bench.meters.energy import EnergyMeter
     from loopscope.bench.meters.memory import PeakMemory
     from loopscope.bench.tokenizer import tokenize
+    from loopscope.bench.workloads.budgets import token_budget
     from loopscope.bench.workloads.optimizers import build_optimizers
     from loopscope.bench.workloads.train import (
         _state_rows,
@@ -147,7 +138,6 @@ def rank_main(job: Path) -> None:
         checkpoint_path,
         get_batch,
         lr_at,
-        token_budget,
     )
     from loopscope.models import ModelConfig, flops_per_token
 

@@ -14,33 +14,16 @@ import torch
 from loopscope.bench.context import RunContext
 from loopscope.bench.engines import PrefillCall, backend_for
 from loopscope.bench.matrix import Cell
-from loopscope.bench.meters.memory import estimate_row
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.workloads import WorkloadResult
-from loopscope.bench.workloads.common import DTYPES, idle_power_once
+from loopscope.bench.workloads.budgets import analytic_memory_rows
+from loopscope.bench.workloads.common import idle_power_once
 
 
 def forward_fn(cell: Cell) -> tuple[PrefillCall, torch.nn.Module]:
     """The call to time, as the cell's backend runs it (bench/engines.py); the model is returned for accounting."""
     call = backend_for(cell).prefill(cell)
     return call, call.model
-
-
-def analytic_memory_rows(cell: Cell) -> list[dict]:
-    from loopscope.models import ModelConfig, kv_bytes_per_token, param_counts
-
-    cfg = ModelConfig.from_dict(cell.model_config)
-    dtype_bytes = torch.finfo(DTYPES[cell.dtype]).bits // 8
-    weights = param_counts(cfg).unique * dtype_bytes
-    kv = kv_bytes_per_token(cfg, cell.loops_test, dtype_bytes=dtype_bytes,
-                            policy=cell.kv_policy or "per-loop") * cell.batch * cell.seq_len
-    # Live activations of one layer at a time in inference: residual, qkv, MLP hidden, logits.
-    d_ff = cfg.d_ff or 4 * cfg.d_model
-    act = cell.batch * cell.seq_len * (4 * cfg.d_model + d_ff + cfg.vocab_size) * dtype_bytes
-    src = "analytic (model accounting)"
-    return [metric_row("weights_bytes", weights, "bytes", source=src),
-            metric_row("kv_cache_bytes", kv, "bytes", stat="analytic", source=src),
-            estimate_row(weights, kv, act)]
 
 
 def gpu_health(device: str) -> dict | None:

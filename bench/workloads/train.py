@@ -22,24 +22,12 @@ from loopscope.bench.matrix import Cell
 from loopscope.bench.schema import metric_row, unmeasured
 from loopscope.bench.tokenizer import tokenize
 from loopscope.bench.workloads import Diverged, WorkloadResult
+from loopscope.bench.workloads.budgets import token_budget
 from loopscope.bench.workloads.common import autocast, build_model, reseed, synchronize
 from loopscope.bench.workloads.optimizers import Optimizers, build_optimizers
 
 SPIKE_WINDOW = 50
 STATS_POINTS = 25  # how many times per training run the loop stability diagnostics are sampled
-
-
-def token_budget(cell: Cell) -> int:
-    """Tokens to train on: given directly, per unique parameter, or from a FLOP budget (iso-FLOP)."""
-    from loopscope.models import ModelConfig, flops_per_token, param_counts
-
-    train = cell.settings["train"]
-    cfg = ModelConfig.from_dict(cell.model_config)
-    if train.get("flops"):
-        return int(train["flops"] / flops_per_token(cfg, cell.seq_len, mode="train"))
-    if train.get("tokens_per_param"):
-        return int(train["tokens_per_param"] * param_counts(cfg).unique)
-    return int(train["tokens"])
 
 
 def lr_at(step: int, total: int, peak: float, warmup_frac: float, cooldown_frac: float) -> float:
