@@ -327,10 +327,11 @@ def ab_gate(ref: str, *, profile: str = "ci", repo: Path | None = None, budget_s
         # One untimed run per side first: bytecode compilation and cold caches land there, not in block 1.
         for side in sides.values():
             run_once(side, tmp / "runs" / f"warm-{side.name}", timeout_s=rep_timeout_s)
-        repeat = all(supports_repeat(side) for side in sides.values())
+        lacking = [_side_label(side) for side in sides.values() if not supports_repeat(side)]
+        repeat = not lacking
         notes.append("repetitions: workers forked from one `loopscope repeat` process per side and block"
-                     if repeat else "repetitions: a fresh `loopscope run` per repetition (the base has no "
-                     "`loopscope repeat`)")
+                     if repeat else "repetitions: a fresh `loopscope run` per repetition on both sides ("
+                     + ", ".join(lacking) + " has no `loopscope repeat`)")
         blocks = 0
         block_s: list[float] = []
         while blocks < max_blocks:
