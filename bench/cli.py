@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="resume a run directory made with another profile: keep the cells both share and "
                         "drop the others from the tables")
 
+    rp = sub.add_parser("repeat", help="run one profile into each directory read from stdin, keeping one worker "
+                        "fork server (the A/B gate's repetitions)",
+                        description="Read run directories from stdin, one per line, and run PROFILE into each "
+                                    "(no report), every cell in a fresh worker forked from one server. stdout "
+                                    "carries only the replies: `ready S` once, then `done RC` or `error MESSAGE` "
+                                    "per directory.", epilog=EXIT_CODES)
+    rp.add_argument("--profile", required=True, help="profile name or path to a .toml")
+
     mg = sub.add_parser("merge", help="combine the run directories of shards into one run",
                         epilog=EXIT_CODES)
     mg.add_argument("out", type=_run_dir_arg, help="the merged run directory (new or empty)")
@@ -155,6 +163,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
                           trace=args.trace, retry_failed=args.retry_failed, executor=args.executor,
                           report=not args.no_report, allow_profile_change=args.allow_profile_change,
                           shard=args.shard, address=args.address))
+
+
+def _cmd_repeat(args: argparse.Namespace) -> int:
+    from loopscope.bench.repeat import main as repeat
+
+    return repeat(args.profile)
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
@@ -263,7 +277,7 @@ def _cmd_fingerprint(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "merge": _cmd_merge, "report": _cmd_report, "compare": _cmd_compare,
+COMMANDS = {"run": _cmd_run, "repeat": _cmd_repeat, "merge": _cmd_merge, "report": _cmd_report, "compare": _cmd_compare,
             "gate": _cmd_gate, "export": _cmd_export, "history": _cmd_history,
             "profiles": _cmd_profiles, "models": _cmd_models, "fingerprint": _cmd_fingerprint}
 

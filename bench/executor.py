@@ -101,6 +101,7 @@ class LocalExecutor:
         self.worker_entry = worker_entry  # module:function a forked worker runs
         self._server: ForkServer | None = None
         self.server_import_s: float | None = None  # the fork server's imports, once per run (manifest)
+        self.keep_server = False  # True: run_all leaves the fork server up for the next run (bench/repeat.py)
 
     def _start_worker(self, job: Path, env: dict[str, str]) -> subprocess.Popen | ForkedWorker:
         if not self.fork_server:

@@ -142,9 +142,44 @@ def _manifest(store: RunStore, profile: Profile, matrix: list[Cell], ctx: RunCon
     }
 
 
-def run(opts: RunOptions, out: TextIO = sys.stdout) -> int:
+class SharedExecutor:
+    """The local executor, and so its worker fork server, kept across the runs of one process
+    (`loopscope repeat`, bench/repeat.py): each run binds it to its own store and context."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)  # the fork server's command line names home/jobs/ (no run owns it)
+        self.executor: Executor | None = None
+
+    def bind(self, store: RunStore | None = None, ctx: RunContext | None = None,
+             memory_limit_bytes: int | None = None) -> Executor:
+        ctx = ctx or RunContext(run_dir=str(self.home))
+        if self.executor is None:
+            self.executor = make_executor("local", RunStore(self.home), ctx, memory_limit_bytes=memory_limit_bytes)
+            self.executor.keep_server = True
+        if store is not None:
+            self.executor.store = store
+        self.executor.ctx = ctx
+        self.executor.memory_limit_bytes = memory_limit_bytes
+        return self.executor
+
+    def warm(self) -> float:
+        """Start the fork server and wait for its imports; their seconds."""
+        server = self.bind().prepare()
+        if server is None:
+            return 0.0
+        server.wait_ready()
+        return float(server.preload_s or 0.0)
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+            self.executor = None
+
+
+def run(opts: RunOptions, out: TextIO = sys.stdout, shared: SharedExecutor | None = None) -> int:
     """Run (or resume) a sweep. Returns 0 when every selected cell is ok, EXIT_CELLS_NOT_OK otherwise;
-    unusable input raises a LoopscopeError (the CLI's exit 2)."""
+    unusable input raises a LoopscopeError (the CLI's exit 2). With `shared`, the cells run on its
+    executor, which outlives this run."""
     name, why = (opts.profile, "given") if opts.profile else default_profile_name()
     if not opts.profile:
         print(f"profile: {name} (detected device class: {why})", file=out)
@@ -172,7 +207,7 @@ def run(opts: RunOptions, out: TextIO = sys.stdout) -> int:
     store = RunStore(run_dir)
     store.create()
     with store.lock():
-        return _run_locked(store, profile, matrix, cells, opts, out)
+        return _run_locked(store, profile, matrix, cells, opts, out, shared)
 
 
 def check_profile_change(store: RunStore, profile: Profile, old: dict, allow: bool) -> bool:
@@ -214,7 +249,7 @@ def check_corpus(profile: Profile, cells: list[Cell]) -> None:
 
 
 def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: list[Cell], opts: RunOptions,
-                out: TextIO) -> int:
+                out: TextIO, shared: SharedExecutor | None = None) -> int:
     from loopscope.profiles.detect import detect_device_class
 
     old = store.read_manifest()
@@ -235,8 +270,9 @@ def _run_locked(store: RunStore, profile: Profile, matrix: list[Cell], cells: li
                          trace=opts.trace or bool(settings["trace"]), threads=int(settings["threads"]),
                          numba_threading=str(settings["numba_threading"]))
         if pending:  # after calibration, which must have the machine to itself
-            executor = make_executor(opts.executor, store, ctx, address=opts.address,
-                                     memory_limit_bytes=int(float(settings["memory_limit_gb"]) * 2**30))
+            limit = int(float(settings["memory_limit_gb"]) * 2**30)
+            executor = (shared.bind(store, ctx, limit) if shared is not None else
+                        make_executor(opts.executor, store, ctx, address=opts.address, memory_limit_bytes=limit))
             if hasattr(executor, "prepare"):
                 executor.prepare()  # the worker fork server imports torch while the manifest is written
         manifest = _manifest(store, profile, matrix, ctx, old)

@@ -5,9 +5,15 @@
    side's code and nothing installed.
 2. The profile is cut to its timing cells (prefill, decode), calibration and energy off; the candidate's
    profile file is used when the base accepts it, else the base's own profile of that name.
-3. Repetitions run in blocks of ABBAAB or BAABBA (random order), each one a fresh `loopscope run` process into
-   a fresh directory, until the time budget is spent (at least `min_blocks` blocks). A run that exits
-   non-zero with results is data (its failed cells are missing values), not a crash.
+3. Repetitions run in blocks of ABBAAB or BAABBA (random order) until the time budget is spent (at least
+   `min_blocks` blocks). Each repetition is a run of the profile into a fresh directory, its cells in fresh
+   worker processes. Each block starts one `loopscope repeat` process per side, whose worker fork server has
+   imported torch once, and both are ready before the block's first repetition; a repetition then costs
+   its cells (about 0.7 s for ab-smoke) instead of a whole `loopscope run` (about 2.5 s). A server lives
+   for one block only, so anything a server's own state does to its workers' speed differs between blocks
+   and averages out like other noise, never a bias that every block shares. A base without
+   `loopscope repeat` gets a fresh `loopscope run` per repetition on both sides. A run that exits non-zero
+   with results is data (its failed cells are missing values), not a crash.
 4. Every run is read with this (the candidate's) reader; cells are matched by their axes; abjudge judges.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import select
 import shutil
 import subprocess
 import sys
@@ -164,25 +171,96 @@ class Side:
     profile: Path
 
 
-def run_once(side: Side, out: Path, *, timeout_s: float, python: str = sys.executable) -> pd.DataFrame:
-    """One fresh `loopscope run` of `side` into `out`; its timing rows (cell, metric, value)."""
+def _side_env(side: Side) -> dict[str, str]:
+    return {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(side.site)}
+
+
+def _side_label(side: Side) -> str:
+    return "base" if side.name == "A" else "candidate"
+
+
+def _timing_of(side: Side, out: Path, returncode: int | str, output: str) -> pd.DataFrame:
     from loopscope.reports.rundir import load_run
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(side.site)
+    if not (out / "results.parquet").exists() and not (out / "results.csv").exists():
+        tail = output.strip().splitlines()[-3:]
+        raise ABGateError(f"{_side_label(side)} run exited {returncode} with no results: {' | '.join(tail)}")
+    run = load_run(out)
+    return timing_values(run.results, run.samples)
+
+
+def run_once(side: Side, out: Path, *, timeout_s: float, python: str = sys.executable) -> pd.DataFrame:
+    """One fresh `loopscope run` of `side` into `out`; its timing rows (cell, metric, value)."""
     cmd = [python, "-m", "loopscope.bench.cli", "run", "--profile", str(side.profile), "--out", str(out),
            "--no-report"]
     try:
-        proc = subprocess.run(cmd, cwd=side.checkout, env=env, capture_output=True, text=True,
+        proc = subprocess.run(cmd, cwd=side.checkout, env=_side_env(side), capture_output=True, text=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         raise ABGateError(f"{side.name}: `loopscope run` did not finish in {timeout_s:.0f} s") from exc
-    if not (out / "results.parquet").exists() and not (out / "results.csv").exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise ABGateError(f"{'base' if side.name == 'A' else 'candidate'} run exited {proc.returncode} "
-                          f"with no results: {' | '.join(tail)}")
-    run = load_run(out)
-    return timing_values(run.results, run.samples)
+    return _timing_of(side, out, proc.returncode, proc.stderr or proc.stdout)
+
+
+class Repeater:
+    """One side's `loopscope repeat` process (bench/repeat.py): `run(out)` is one repetition, its cells in
+    fresh worker processes forked from the server that process keeps."""
+
+    def __init__(self, side: Side, log: Path, *, timeout_s: float, python: str = sys.executable) -> None:
+        self.side, self.log, self.timeout_s = side, log, timeout_s
+        with open(log, "ab") as err:
+            self._proc = subprocess.Popen([python, "-m", "loopscope.bench.cli", "repeat", "--profile",
+                                           str(side.profile)], cwd=side.checkout, env=_side_env(side),
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, bufsize=0)
+        self._buffer = b""
+
+    def _reply(self, what: str) -> str:
+        deadline = time.monotonic() + self.timeout_s
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not select.select([fd], [], [], wait)[0]:
+                self.close()
+                raise ABGateError(f"{_side_label(self.side)}: `loopscope repeat` gave no {what} within "
+                                  f"{self.timeout_s:.0f} s (its log: {self.log})")
+            data = os.read(fd, 4096)
+            if not data:
+                code = self._proc.wait()
+                tail = " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-3:])
+                raise ABGateError(f"{_side_label(self.side)}: `loopscope repeat` exited {code} before its "
+                                  f"{what}: {tail or 'no output'}")
+            self._buffer += data
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+    def wait_ready(self) -> None:
+        line = self._reply("ready line")
+        if not line.startswith("ready"):
+            raise ABGateError(f"{_side_label(self.side)}: `loopscope repeat` said {line!r}, not ready")
+
+    def run(self, out: Path) -> pd.DataFrame:
+        self._proc.stdin.write(f"{out}\n".encode())
+        self._proc.stdin.flush()
+        kind, _, rest = self._reply(f"answer for {out}").partition(" ")
+        if kind == "error":
+            raise ABGateError(f"{_side_label(self.side)} run into {out}: {rest}")
+        return _timing_of(self.side, out, rest, self.log.read_text(errors="replace"))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait()
+        self._proc.stdout.close()
+
+
+def supports_repeat(side: Side) -> bool:
+    """Whether the side's code has `loopscope repeat` (older commits do not)."""
+    proc = subprocess.run([sys.executable, "-m", "loopscope.bench.cli", "repeat", "--help"], cwd=side.checkout,
+                          env=_side_env(side), capture_output=True, text=True, timeout=120)
+    return proc.returncode == 0
 
 
 def timing_values(results: pd.DataFrame, samples: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -249,6 +327,11 @@ def ab_gate(ref: str, *, profile: str = "ci", repo: Path | None = None, budget_s
         # One untimed run per side first: bytecode compilation and cold caches land there, not in block 1.
         for side in sides.values():
             run_once(side, tmp / "runs" / f"warm-{side.name}", timeout_s=rep_timeout_s)
+        lacking = [_side_label(side) for side in sides.values() if not supports_repeat(side)]
+        repeat = not lacking
+        notes.append("repetitions: workers forked from one `loopscope repeat` process per side and block"
+                     if repeat else "repetitions: a fresh `loopscope run` per repetition on both sides ("
+                     + ", ".join(lacking) + " has no `loopscope repeat`)")
         blocks = 0
         block_s: list[float] = []
         while blocks < max_blocks:
@@ -257,10 +340,7 @@ def ab_gate(ref: str, *, profile: str = "ci", repo: Path | None = None, budget_s
                 break
             order = rng.choice(BLOCK_ORDERS)
             t0 = time.monotonic()
-            for pos, side_name in enumerate(order):
-                side = sides[side_name]
-                vals = run_once(side, tmp / "runs" / f"b{blocks:02d}-{pos}{side_name}", timeout_s=rep_timeout_s)
-                records += [dict(block=blocks, pos=pos, side=side_name, **r) for r in vals.to_dict("records")]
+            records += _block(sides, order, blocks, tmp, repeat=repeat, timeout_s=rep_timeout_s)
             block_s.append(time.monotonic() - t0)
             blocks += 1
             log(f"  block {blocks} ({order}) took {block_s[-1]:.0f} s")
@@ -283,6 +363,27 @@ def ab_gate(ref: str, *, profile: str = "ci", repo: Path | None = None, budget_s
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _block(sides: dict[str, Side], order: str, block: int, tmp: Path, *, repeat: bool,
+           timeout_s: float) -> list[dict]:
+    """One block's repetitions in `order`: (block, pos, side, cell, metric, value) records."""
+    runners: dict[str, Repeater] = {}
+    try:
+        if repeat:  # both servers ready (torch imported) before the first timed repetition
+            runners = {name: Repeater(side, tmp / f"repeat-{name}.log", timeout_s=timeout_s)
+                       for name, side in sides.items()}
+            for runner in runners.values():
+                runner.wait_ready()
+        records: list[dict] = []
+        for pos, name in enumerate(order):
+            out = tmp / "runs" / f"b{block:02d}-{pos}{name}"
+            vals = runners[name].run(out) if repeat else run_once(sides[name], out, timeout_s=timeout_s)
+            records += [dict(block=block, pos=pos, side=name, **r) for r in vals.to_dict("records")]
+        return records
+    finally:
+        for runner in runners.values():
+            runner.close()
+
+
 def _sides(repo: Path, base_dir: Path, tmp: Path, profile: str, notes: list[str]) -> dict[str, Side]:
     """Both sides with the profile each one runs: the candidate's, cut to timing cells, when the base
     accepts it; otherwise each side its own shipped profile of that name, cut the same way."""
@@ -298,8 +399,7 @@ def _sides(repo: Path, base_dir: Path, tmp: Path, profile: str, notes: list[str]
     base = Side("A", base_dir, base_site, cand_profile)
     check = subprocess.run([sys.executable, "-m", "loopscope.bench.cli", "run", "--profile", str(cand_profile),
                             "--out", str(tmp / "runs" / "dry"), "--dry-run"], cwd=base_dir,
-                           env={**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-                                "PYTHONPATH": str(base_site)}, capture_output=True, text=True, timeout=300)
+                           env=_side_env(base), capture_output=True, text=True, timeout=300)
     if check.returncode != 0:
         base_src = base_dir / "profiles" / f"{given.stem}.toml"
         base_profile = tmp / "profile-base.toml"

@@ -60,3 +60,9 @@ def plant_prefill_slowdown(tree: Path, fraction: float) -> str:
 def plant_mlp_matmul(tree: Path) -> str:
     _replace(tree / BLOCKS, _MLP, _MLP_SLOW)
     return commit_all(tree, "MLP: one extra matmul (planted)")
+
+
+def remove_repeat_command(tree: Path) -> str:
+    """A base as commits before `loopscope repeat` were: the CLI has no such command."""
+    _replace(tree / "bench" / "cli.py", 'sub.add_parser("repeat",', 'sub.add_parser("repeat-removed",')
+    return commit_all(tree, "cli: no repeat command (as older commits)")

@@ -102,3 +102,13 @@ def test_a_planted_prefill_slowdown_is_caught(candidate, tmp_path):
     latency = result.table.set_index("metric").loc["latency_ms"]
     assert latency["verdict"] == "fail" and latency["ratio"] > 1.4, text
     assert "noise floor" in text and "2 block(s) = 12 processes" in text
+    assert "forked from one `loopscope repeat` process per side and block" in text  # HEAD has the command
+
+
+def test_a_side_without_repeat_gets_fresh_processes_on_both_sides(candidate, tmp_path):
+    ab_plant.remove_repeat_command(candidate)  # as commits before `loopscope repeat`
+    result = _gate(candidate, tmp_path)
+    text = result.render()
+    assert "a fresh `loopscope run` per repetition on both sides" in text and "= 12 processes" in text, text
+    latency = result.table.set_index("metric").loc["latency_ms"]
+    assert latency["n_pairs"] == 6 and latency["verdict"] in ("pass", "unresolved"), text

@@ -22,4 +22,5 @@ class SequentialExecutor(LocalExecutor):
                 if on_done:
                     on_done(cell, record)
         finally:
-            self.close()
+            if not self.keep_server:  # a shared executor's server serves the next run too
+                self.close()
