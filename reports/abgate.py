@@ -309,6 +309,13 @@ def ab_gate(ref: str, *, profile: str = "ci", repo: Path | None = None, budget_s
             seed: int | None = None, keep: Path | None = None, rep_timeout_s: float = 600.0,
             log=print) -> ABResult:
     """Time the base commit `ref` and the candidate (the working tree of `repo`) interleaved; judge."""
+    if min_blocks < 2:
+        # One block leaves three same-code pairs (2 degrees of freedom) for the noise floor: a passing
+        # spell of contention on one side reads as a significant change.
+        raise ABGateError(f"--min-blocks {min_blocks}: the A/B gate needs at least 2 blocks "
+                          "(one block leaves 3 same-code pairs for its noise floor)")
+    if max_blocks < min_blocks:
+        raise ABGateError(f"max_blocks {max_blocks} is below --min-blocks {min_blocks}")
     start = time.monotonic()
     repo = Path(git(repo or Path.cwd(), "rev-parse", "--show-toplevel"))
     try:

@@ -16,6 +16,7 @@ import pytest
 
 from loopscope.reports.abgate import MIN_TIME_S, ab_gate, link_site, timing_profile
 from tests import ab_plant
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = """
@@ -76,6 +77,13 @@ def test_timing_profile_keeps_only_timing_sweeps_with_meters_and_calibration_off
     only_train = tmp_path / "t.toml"
     only_train.write_text('[[sweep]]\nmodel = "gpt-micro"\nworkload = "train"\n')
     assert not timing_profile(only_train, tmp_path / "none.toml")
+
+
+def test_one_block_is_refused_with_one_line_and_exit_2():
+    proc = run_cli("gate", "--against", "HEAD", "--profile", "ci", "--min-blocks", "1", cwd=REPO)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "--min-blocks 1" in proc.stderr and "at least 2 blocks" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_a_process_on_the_linked_site_imports_that_checkout_not_the_installed_package(candidate, tmp_path):
